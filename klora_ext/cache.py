@@ -1,0 +1,246 @@
+"""Score cache: a pair's scores are computed once, kept in memory and in a small bounded JSON file on disk.
+
+Key: sha256 of both files' bytes + the options that change the numbers (K multiplier, score version). File hashes are
+themselves cached by (path, size, mtime), so a cached pair costs no file read at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from klora_ext.errors import KLoraError
+from klora_ext.log import logger
+from klora_ext.scoring import SCORE_VERSION, LayerScore, PairScores, ProgressFn, compute_scores
+
+CACHE_FORMAT = 1
+DEFAULT_MAX_ENTRIES = 32
+DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+MAX_HASHES = 512
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        msg = f"[K-LoRA] cannot read '{path}': {exc.strerror or exc}"
+        raise KLoraError(msg) from exc
+    return digest.hexdigest()
+
+
+def pair_key(sha_content: str, sha_style: str, k_multiplier: float) -> str:
+    return f"{sha_content}:{sha_style}:k{float(k_multiplier)!r}:v{SCORE_VERSION}"
+
+
+# Rows are stored as lists (not dicts) to keep the file small: SDXL pairs have ~1700 shared layers.
+_ROW_FIELDS = (
+    "id",
+    "score_content",
+    "score_style",
+    "sum_abs_content",
+    "sum_abs_style",
+    "rank_content",
+    "rank_style",
+    "k",
+)
+
+
+def _pack(scores: PairScores) -> dict[str, Any]:
+    return {
+        "rows": [[getattr(s, f) for f in _ROW_FIELDS] for s in scores.layers],
+        "content_only": list(scores.content_only),
+        "style_only": list(scores.style_only),
+        "k_multiplier": scores.k_multiplier,
+        "meta": scores.meta,
+    }
+
+
+def _unpack(data: dict[str, Any]) -> PairScores:
+    return PairScores(
+        layers=tuple(LayerScore(**dict(zip(_ROW_FIELDS, row))) for row in data["rows"]),
+        content_only=tuple(data["content_only"]),
+        style_only=tuple(data["style_only"]),
+        k_multiplier=float(data["k_multiplier"]),
+        meta=dict(data.get("meta", {})),
+    )
+
+
+@dataclass
+class CacheStats:
+    memory_hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0
+    files_hashed: int = 0
+
+
+class ScoreCache:
+    """LRU in memory; mirrored to ``path`` (if given) bounded by entry count and bytes. Thread-safe."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.path = Path(path) if path else None
+        self.max_entries = max(1, int(max_entries))
+        self.max_bytes = max(1024, int(max_bytes))
+        self.stats = CacheStats()
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, dict[str, Any]] = OrderedDict()  # key -> packed scores
+        self._hashes: OrderedDict[str, tuple[int, int, str]] = OrderedDict()  # abspath -> (size, mtime_ns, sha)
+        self._loaded = False
+
+    # ---- file hashes --------------------------------------------------------------------------------------------
+    def file_hash(self, path: str | os.PathLike[str]) -> str:
+        real = os.path.abspath(path)
+        try:
+            st = os.stat(real)
+        except OSError as exc:
+            msg = f"[K-LoRA] LoRA file not found: '{path}'"
+            raise KLoraError(msg) from exc
+        with self._lock:
+            self._load()
+            known = self._hashes.get(real)
+            if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+                self._hashes.move_to_end(real)
+                return known[2]
+        sha = sha256_file(real)
+        with self._lock:
+            self.stats.files_hashed += 1
+            self._hashes[real] = (st.st_size, st.st_mtime_ns, sha)
+            while len(self._hashes) > MAX_HASHES:
+                self._hashes.popitem(last=False)
+        return sha
+
+    # ---- scores -------------------------------------------------------------------------------------------------
+    def get(self, key: str) -> PairScores | None:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.stats.memory_hits += 1
+                return _unpack(self._entries[key])
+            # another process (or WebUI restart) may have written it
+            if self._load_from_disk_entry(key):
+                self.stats.disk_hits += 1
+                return _unpack(self._entries[key])
+        return None
+
+    def put(self, key: str, scores: PairScores) -> None:
+        with self._lock:
+            self._entries[key] = _pack(scores)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+            self._save()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._hashes.clear()
+            self._loaded = True
+            if self.path and self.path.exists():
+                self.path.unlink()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get_or_compute(
+        self,
+        content_path: str | os.PathLike[str],
+        style_path: str | os.PathLike[str],
+        *,
+        k_multiplier: float = 1.0,
+        device: str = "cpu",
+        loader: Callable[[str], Any] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> tuple[PairScores, bool]:
+        """(scores, from_cache). On a hit no LoRA file is parsed and no delta is computed."""
+        key = pair_key(self.file_hash(content_path), self.file_hash(style_path), k_multiplier)
+        cached = self.get(key)
+        if cached is not None:
+            return cached, True
+        self.stats.misses += 1
+        if loader is None:
+            from klora_ext.lora_file import read_lora
+
+            loader = read_lora
+        started = time.perf_counter()
+        scores = compute_scores(
+            loader(str(content_path)), loader(str(style_path)), k_multiplier=k_multiplier, device=device,
+            progress=progress,
+        )
+        logger.info("scored %d shared layers in %.2f s", len(scores.layers), time.perf_counter() - started)
+        self.put(key, scores)
+        return scores, False
+
+    # ---- disk ---------------------------------------------------------------------------------------------------
+    def _read_file(self) -> dict[str, Any] | None:
+        if not self.path or not self.path.exists():
+            return None
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring unreadable score cache %s (%s); it will be rewritten", self.path, exc)
+            return None
+        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+            return None
+        return data
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        data = self._read_file()
+        if not data:
+            return
+        for key, packed in data.get("entries", {}).items():
+            self._entries[key] = packed
+        for real, row in data.get("hashes", {}).items():
+            self._hashes[real] = (int(row[0]), int(row[1]), str(row[2]))
+
+    def _load_from_disk_entry(self, key: str) -> bool:
+        if not self._loaded:
+            self._load()
+            return key in self._entries
+        data = self._read_file()
+        if data and key in data.get("entries", {}):
+            self._entries[key] = data["entries"][key]
+            return True
+        return False
+
+    def _save(self) -> None:
+        if not self.path:
+            return
+        # Drop the oldest entries until the file fits the byte budget (always keep the newest).
+        while True:
+            payload = {
+                "format": CACHE_FORMAT,
+                "entries": dict(self._entries),
+                "hashes": {k: list(v) for k, v in self._hashes.items()},
+            }
+            text = json.dumps(payload, separators=(",", ":"))
+            if len(text) <= self.max_bytes or len(self._entries) <= 1:
+                break
+            self._entries.popitem(last=False)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".klora-cache-", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            logger.warning("could not write the score cache %s (%s); scores stay in memory only", self.path, exc)
