@@ -145,7 +145,9 @@ class KLoraArgs:
     def from_dict(cls, data: Mapping[str, Any]) -> KLoraArgs:
         unknown = sorted(set(data) - set(FIELD_NAMES))
         if unknown:
-            msg = f"[K-LoRA] unknown argument(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(FIELD_NAMES)}"
+            msg = (
+                f"[K-LoRA] unknown argument(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(FIELD_NAMES)}"
+            )
             raise KLoraError(msg)
         return cls(**dict(data))
 

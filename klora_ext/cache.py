@@ -180,7 +180,10 @@ class ScoreCache:
             loader = read_lora
         started = time.perf_counter()
         scores = compute_scores(
-            loader(str(content_path)), loader(str(style_path)), k_multiplier=k_multiplier, device=device,
+            loader(str(content_path)),
+            loader(str(style_path)),
+            k_multiplier=k_multiplier,
+            device=device,
             progress=progress,
         )
         logger.info("scored %d shared layers in %.2f s", len(scores.layers), time.perf_counter() - started)

@@ -88,9 +88,8 @@ class Plan:
             raise KLoraError(msg)
         layers = scores.in_scope(args.scope)
         if not layers:
-            msg = (
-                f"[K-LoRA] the two LoRAs share no layer in scope '{args.scope}'"
-                + (" (try scope 'all')" if args.scope == "attention" else "")
+            msg = f"[K-LoRA] the two LoRAs share no layer in scope '{args.scope}'" + (
+                " (try scope 'all')" if args.scope == "attention" else ""
             )
             raise KLoraError(msg)
         g = gamma(layers, args.gamma_mode, args.gamma)

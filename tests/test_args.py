@@ -35,7 +35,14 @@ def test_spec_defaults() -> None:
 
 def test_positional_in_ui_order_and_short_lists_keep_defaults() -> None:
     a = KLoraArgs.from_positional([True, "dog", 0.8, "ink", 1.2, 2.0])
-    assert (a.enabled, a.content, a.content_weight, a.style, a.style_weight, a.alpha) == (True, "dog", 0.8, "ink", 1.2, 2.0)
+    assert (a.enabled, a.content, a.content_weight, a.style, a.style_weight, a.alpha) == (
+        True,
+        "dog",
+        0.8,
+        "ink",
+        1.2,
+        2.0,
+    )
     assert a.beta == 0.5
 
 
@@ -144,10 +151,19 @@ _finite = st.floats(allow_nan=False, allow_infinity=False)
     method=st.sampled_from(["k-lora", "fixed", "random", "content-only", "style-only", "merge"]),
     hires=st.sampled_from(["restart", "continue", "keep"]),
 )
-def test_infotext_round_trip_property(alpha: float, beta: float, k: float, weight: float, method: str, hires: str) -> None:
+def test_infotext_round_trip_property(
+    alpha: float, beta: float, k: float, weight: float, method: str, hires: str
+) -> None:
     a = KLoraArgs(
-        enabled=True, content="c", style="s", alpha=alpha, beta=beta, k_multiplier=k, style_weight=weight,
-        method=method, hires=hires,
+        enabled=True,
+        content="c",
+        style="s",
+        alpha=alpha,
+        beta=beta,
+        k_multiplier=k,
+        style_weight=weight,
+        method=method,
+        hires=hires,
     )
     # infotext values are strings after a PNG round trip
     parsed = KLoraArgs.from_infotext({k2: str(v) for k2, v in a.to_infotext().items()})

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -195,7 +196,7 @@ def test_linear_schedule_flips_at_most_once_content_to_style(data, alpha, beta, 
     flips = plan.flip_steps
     for i in range(len(sc)):
         col = plan.roles[:, i].tolist()
-        changes = sum(1 for a, b in zip(col, col[1:]) if a != b)
+        changes = sum(1 for a, b in itertools.pairwise(col) if a != b)
         assert changes <= 1
         if changes:
             assert col[0] == CONTENT and col[-1] == STYLE

@@ -69,7 +69,9 @@ def test_hires_policies() -> None:
     keep = Session(manual(hires="keep"), scores)
     for session in (restart, cont, keep):
         session.plan_for_pass(10)
-    assert np.array_equal(restart.plan_for_pass(6, kind="hires", denoise=0.5).roles, Plan.build(scores, manual(), 6).roles)
+    assert np.array_equal(
+        restart.plan_for_pass(6, kind="hires", denoise=0.5).roles, Plan.build(scores, manual(), 6).roles
+    )
     expected_cont = Plan.build(scores, manual(), 6, window=(0.5, 0.5)).roles
     assert np.array_equal(cont.plan_for_pass(6, kind="hires", denoise=0.5).roles, expected_cont)
     kept = keep.plan_for_pass(6, kind="hires", denoise=0.5)
@@ -95,7 +97,9 @@ def test_img2img_continue_uses_denoising_strength() -> None:
     calls=st.lists(st.integers(0, 3), min_size=1, max_size=40),
 )
 def test_applied_roles_always_equal_the_plan_row(sc, steps, schedule, method, calls) -> None:
-    session = Session(KLoraArgs(schedule=schedule, method=method, beta=1.3 if schedule == "s*" else 0.5), scores_for(sc))
+    session = Session(
+        KLoraArgs(schedule=schedule, method=method, beta=1.3 if schedule == "s*" else 0.5), scores_for(sc)
+    )
     ctl = PassController(session)
     changes = ctl.begin_pass(steps)
     state = dict(changes)
