@@ -131,8 +131,11 @@ def summarize(content: LoraFile, style: LoraFile, plan: Plan, n_shared: int, out
         at_start = sum(1 for f in flips if f == 0)
         by_step = Counter(f for f in flips if f)
         print(f"style from the first step: {at_start} layers; content to the end: {never} layers", file=out)
-        for step in sorted(by_step):
-            print(f"  step {step:>3}: {by_step[step]:>4} layers switch content -> style", file=out)
+        if by_step:
+            pairs = [f"{step}:{by_step[step]}" for step in sorted(by_step)]
+            print("layers switching content -> style, by step (step:count):", file=out)
+            for start in range(0, len(pairs), 12):
+                print("  " + "  ".join(pairs[start : start + 12]), file=out)
     else:
         changes = plan.flips_per_step()
         total = sum(changes.values())
@@ -173,9 +176,21 @@ def run_plan(ns: argparse.Namespace, content_path: Path, style_path: Path, out: 
         data = plan.to_json()
         data["content"] = {"name": content.name, "sha256": content.sha256}
         data["style"] = {"name": style.name, "sha256": style.sha256}
-        ns.json.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        ns.json.write_text(plan_json_text(data), encoding="utf-8")
         print(f"plan JSON: {ns.json}", file=out)
     return plan
+
+
+def plan_json_text(data: dict) -> str:
+    """JSON with one layer and one map row per line: diffable and still readable for 1000+ layers."""
+    parts = []
+    for key, value in data.items():
+        if key in ("layers", "map") and value:
+            rows = ",\n    ".join(json.dumps(row, separators=(",", ":")) for row in value)
+            parts.append(f'  "{key}": [\n    {rows}\n  ]')
+        else:
+            parts.append(f"  {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def run_demo(ns: argparse.Namespace, out: TextIO) -> Plan:

@@ -6,7 +6,6 @@ themselves cached by (path, size, mtime), so a cached pair costs no file read at
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -20,24 +19,13 @@ from typing import Any
 
 from klora_ext.errors import KLoraError
 from klora_ext.log import logger
+from klora_ext.lora_file import read_lora, sha256_file
 from klora_ext.scoring import SCORE_VERSION, LayerScore, PairScores, ProgressFn, compute_scores
 
 CACHE_FORMAT = 1
 DEFAULT_MAX_ENTRIES = 32
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 MAX_HASHES = 512
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError as exc:
-        msg = f"[K-LoRA] cannot read '{path}': {exc.strerror or exc}"
-        raise KLoraError(msg) from exc
-    return digest.hexdigest()
 
 
 def pair_key(sha_content: str, sha_style: str, k_multiplier: float) -> str:
@@ -118,7 +106,11 @@ class ScoreCache:
             if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
                 self._hashes.move_to_end(real)
                 return known[2]
-        sha = sha256_file(real)
+        try:
+            sha = sha256_file(real)
+        except OSError as exc:
+            msg = f"[K-LoRA] cannot read '{path}': {exc.strerror or exc}"
+            raise KLoraError(msg) from exc
         with self._lock:
             self.stats.files_hashed += 1
             self._hashes[real] = (st.st_size, st.st_mtime_ns, sha)
@@ -165,23 +157,21 @@ class ScoreCache:
         *,
         k_multiplier: float = 1.0,
         device: str = "cpu",
-        loader: Callable[[str], Any] | None = None,
+        loader: Callable[..., Any] | None = None,
         progress: ProgressFn | None = None,
     ) -> tuple[PairScores, bool]:
         """(scores, from_cache). On a hit no LoRA file is parsed and no delta is computed."""
-        key = pair_key(self.file_hash(content_path), self.file_hash(style_path), k_multiplier)
+        sha_content, sha_style = self.file_hash(content_path), self.file_hash(style_path)
+        key = pair_key(sha_content, sha_style, k_multiplier)
         cached = self.get(key)
         if cached is not None:
             return cached, True
         self.stats.misses += 1
-        if loader is None:
-            from klora_ext.lora_file import read_lora
-
-            loader = read_lora
+        loader = loader or read_lora
         started = time.perf_counter()
         scores = compute_scores(
-            loader(str(content_path)),
-            loader(str(style_path)),
+            loader(str(content_path), sha256=sha_content),
+            loader(str(style_path), sha256=sha_style),
             k_multiplier=k_multiplier,
             device=device,
             progress=progress,

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from klora_ext.cache import ScoreCache, pair_key, sha256_file
+from klora_ext.cache import ScoreCache, pair_key
 from klora_ext.errors import KLoraError
+from klora_ext.lora_file import sha256_file
 
 IDS = [f"unet:input_blocks.{i}.1.transformer_blocks.0.attn1.to_q" for i in (1, 2, 4)]
 
@@ -41,7 +42,8 @@ class CountingLoader:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def __call__(self, path: str) -> FakeLora:
+    def __call__(self, path: str, sha256: str | None = None) -> FakeLora:
+        assert sha256 == hashlib.sha256(Path(path).read_bytes()).hexdigest()  # the cache passes the hash on
         self.calls.append(path)
         seed = int(hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8], 16)
         gen = torch.Generator().manual_seed(seed)
