@@ -37,9 +37,9 @@ from klora_ext.scoring import compute_scores, top_k  # noqa: E402
 
 CASES = {
     # name: (arch, scope of generated layers, rank content, rank style)
-    "sd15": ("sd15", "attention", 8, 16),
-    "sd15-all": ("sd15", "all", 8, 16),
-    "sdxl": ("sdxl", "attention+ff", 32, 64),
+    "sd15": ("sd15", "transformer", 8, 16),
+    "sd15-locon": ("sd15", "all", 8, 16),
+    "sdxl": ("sdxl", "transformer", 32, 64),
 }
 
 
@@ -57,8 +57,8 @@ def write_pair(folder: Path, arch: str, scope: str, rc: int, rs: int) -> tuple[P
     layers = synthetic.layer_shapes(arch, scope)
     content = folder / f"{arch}_content_r{rc}.safetensors"
     style = folder / f"{arch}_style_r{rs}.safetensors"
-    synthetic.save_lora(content, synthetic.make_lora_state_dict(layers, rc, seed=1, dtype=torch.float16))
-    synthetic.save_lora(style, synthetic.make_lora_state_dict(layers, rs, seed=2, dtype=torch.float16))
+    synthetic.save_lora(content, synthetic.make_lora_state_dict(layers, rc, seed=1, dtype=torch.float16, arch=arch))
+    synthetic.save_lora(style, synthetic.make_lora_state_dict(layers, rs, seed=2, dtype=torch.float16, arch=arch))
     return content, style
 
 
@@ -189,7 +189,7 @@ def main() -> None:
             print_row(row, ns.steps)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; each case in a fresh process (peak memory)")
-    for case in ("sd15", "sd15-all", "sdxl"):
+    for case in CASES:
         out = subprocess.run(
             [sys.executable, __file__, "--case", case, "--steps", str(ns.steps), "--device", ns.device, "--json"],
             check=True,

@@ -268,3 +268,17 @@ def test_held_plan_repeats_last_row() -> None:
     held = plan.held(3)
     assert held.roles.tolist() == [plan.roles[-1].tolist()] * 3
     assert held.changes(1).size == 0
+
+
+def test_reference_mode_reproduces_the_code_with_auto_mean_gamma_and_attention_scope() -> None:
+    # Two attention layers and one FF layer (out of the reference's scope, so it must not affect gamma).
+    # ratios sum|dW_c|/sum|dW_s| in scope: 2, 1 -> mean 1.5, none >= 4.5 -> gamma 1.5 (FF ratio 100 ignored)
+    # N = 2 steps x 2 layers; scales .875, 1.25 | 1.625, .5 (counter wraps on the last call)
+    # layer a: (3/1.5) / .875 = 2.29 > 1 C; 2 / 1.625 = 1.23 C.  layer b: 1 / 1.25 = .8 S; 1 / .5 = 2 C
+    scores = pair(
+        [3.0, 1.5, 7.0], [1.0, 1.0, 1.0], ac=[2.0, 1.0, 100.0], as_=[1.0, 1.0, 1.0], ids=[ATTN[0], ATTN[1], FF]
+    )
+    plan = Plan.build(scores, KLoraArgs(scope="attention", clock="reference", gamma_mode="auto-mean"), 2)
+    assert plan.layer_ids == (ATTN[0], ATTN[1])
+    assert plan.gamma == 1.5
+    assert plan.roles.tolist() == [[CONTENT, STYLE], [CONTENT, CONTENT]]
