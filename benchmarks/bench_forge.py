@@ -1,0 +1,261 @@
+"""Forge benchmark: K-LoRA's cost against plain LoRA use, on a real server or with the fake host on this machine.
+
+Against a running Forge (``--api``), same server, same run:
+
+    python benchmarks/bench_forge.py --url http://127.0.0.1:7860 --content SUBJECT --style STYLE \
+        --steps 20 --size 1024 --repeat 3
+
+  * plain: both LoRAs in the prompt (``<lora:content:wc> <lora:style:ws>``), no K-LoRA;
+  * K-LoRA (first): a pair the server has not scored yet (a fresh K multiplier that rounds to the same K);
+  * K-LoRA (cached): the same request again (scores cached, Forge's merge of the content LoRA cached).
+  Each configuration gets one warm-up request (Forge re-merges when the LoRA set changes); medians are reported and
+  the ratio cached / plain is printed (target: <= 1.05 with the weights on the GPU).
+
+No server (``--micro``): the fake Forge host of the tests (real torch layers shaped like an SD1.5/SDXL UNet, Forge's
+patcher/LoraLoader semantics) on this machine. It times K-LoRA's per-step work (the corrections of the layers that
+flip, applied at the denoiser callback) against what peers do per switch: a full re-merge of every LoRA layer
+(``refresh`` with changed identifiers), and reports the per-step overhead.
+
+    python benchmarks/bench_forge.py --micro --arch sd15 --scope transformer --steps 30
+    python benchmarks/bench_forge.py --micro --arch sdxl --dtype float16      # ~5 GB RAM
+
+Figures are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# server mode
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _post(url: str, payload: dict[str, Any], timeout: float) -> tuple[float, dict[str, Any]]:
+    req = urllib.request.Request(
+        url + "/sdapi/v1/txt2img", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        body = json.loads(resp.read().decode())
+    return time.perf_counter() - start, body
+
+
+def bench_server(a: argparse.Namespace) -> None:
+    url = a.url.rstrip("/")
+    with urllib.request.urlopen(url + "/klora/v1/version", timeout=60) as resp:
+        version = json.loads(resp.read().decode())
+    print(f"server {url}: K-LoRA {version.get('version')} host={version.get('host')}")
+    base = {
+        "prompt": a.prompt,
+        "negative_prompt": "",
+        "steps": a.steps,
+        "width": a.size,
+        "height": a.size,
+        "seed": 1234,
+        "sampler_name": a.sampler,
+        "cfg_scale": 5,
+    }
+    plain = {**base, "prompt": f"{a.prompt} <lora:{a.content}:{a.wc:g}> <lora:{a.style}:{a.ws:g}>"}
+    klora_args = {"enabled": True, "content": a.content, "style": a.style}
+    klora_args.update(content_weight=a.wc, style_weight=a.ws)
+
+    def klora(k: float) -> dict[str, Any]:
+        return {**base, "alwayson_scripts": {"K-LoRA": {"args": [{**klora_args, "k_multiplier": k}]}}}
+
+    results: dict[str, list[float]] = {}
+    _post(url, plain, a.timeout)  # warm-up: Forge merges both LoRAs once
+    results["plain (both LoRAs in the prompt)"] = [_post(url, plain, a.timeout)[0] for _ in range(a.repeat)]
+    first = []
+    for _ in range(a.repeat):
+        fresh = 1.0 + random.random() * 1e-6  # a new score-cache key, the same K
+        seconds, body = _post(url, klora(fresh), a.timeout)
+        info = json.loads(body.get("info") or "{}").get("infotexts", [""])[0]
+        if "K-LoRA: v1" not in info or "K-LoRA skipped" in info:
+            print(f"warning: K-LoRA did not run: {info[-300:]}")
+        first.append(seconds)
+    results["K-LoRA (first: scores computed)"] = first
+    _post(url, klora(1.0), a.timeout)  # warm-up: scores for k=1.0 cached, content merge cached
+    results["K-LoRA (cached)"] = [_post(url, klora(1.0), a.timeout)[0] for _ in range(a.repeat)]
+    print(f"\n{a.steps} steps, {a.size}x{a.size}, {a.sampler}, {a.repeat} runs each (median):")
+    for name, times in results.items():
+        print(f"  {name:36s} {statistics.median(times):8.2f} s   {' '.join(f'{t:.2f}' for t in times)}")
+    ratio = statistics.median(results["K-LoRA (cached)"]) / statistics.median(
+        results["plain (both LoRAs in the prompt)"]
+    )
+    print(f"\nK-LoRA cached / plain: {ratio:.3f}  ({(ratio - 1) * 100:+.1f} %)  target <= 1.05")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# micro mode (fake host)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Driver:
+    """The adapter_base call sequence (what the shared Script does)."""
+
+    def __init__(self, adapter: Any, args: Any) -> None:
+        self.adapter, self.args = adapter, args
+
+    def process(self, p: Any) -> None:
+        from klora_ext.webui.run import prepare_run
+
+        self.adapter.disarm(None)
+        self.adapter.arm(p, prepare_run(self.args, self.adapter, p, steps=p.steps, seed=p.seed))
+
+    def after_extra_networks_activate(self, p: Any, **_: Any) -> None:
+        self.adapter.on_networks_activated(p)
+
+    def process_before_every_sampling(self, p: Any, **_: Any) -> None:
+        self.adapter.before_sampling(p, hires=bool(p.is_hr_pass))
+
+    def postprocess(self, p: Any, processed: Any) -> None:
+        self.adapter.disarm(p)
+
+
+def bench_micro(a: argparse.Namespace) -> None:
+    import torch
+
+    from klora_ext import synthetic
+    from klora_ext.args import KLoraArgs
+    from tests.fakes.forge.host import FakeForge, ScriptRunner, StableDiffusionProcessingTxt2Img, make_engine
+
+    torch.set_num_threads(max(1, a.threads))
+    dtype = getattr(torch, a.dtype)
+    layers = synthetic.layer_shapes(a.arch, a.scope)
+    unet = [(lid.split(":", 1)[1], shape) for lid, shape in layers]
+    print(
+        f"fake Forge host: {a.arch} {a.scope}: {len(layers)} layers, "
+        f"{sum(torch.Size(s).numel() for _, s in layers) / 1e6:.0f} M params, {a.dtype}, device {a.device}"
+    )
+    engine = make_engine(unet, [("text_model.encoder.layers.0.mlp.fc1", (8, 8))])
+    model = engine.forge_objects.unet.model
+    model.to(device=a.device, dtype=dtype)
+    for patcher in (engine.forge_objects.unet, engine.forge_objects_original.unet):
+        patcher.load_device = torch.device(a.device)
+    host = FakeForge(engine)
+    host.install(lambda mapping, key, value: mapping.__setitem__(key, value))
+    with tempfile.TemporaryDirectory() as tmp:
+        import os
+
+        os.environ["KLORA_CACHE_PATH"] = str(Path(tmp) / "scores.json")
+        rng = random.Random(0)
+        for name, seed, rank in (("content", 1, a.rank_content), ("style", 2, a.rank_style)):
+            # per-layer ranks around the given one: real pairs flip layer by layer, not all at one step
+            ranks = {lid: rng.choice((rank // 4, rank // 2, rank, rank * 2)) or 1 for lid, _ in layers}
+            # kohya keys in compvis naming (what SDXL files use; Forge's key map reads them for any UNet)
+            sd = synthetic.make_lora_state_dict(layers, ranks, seed=seed, alpha=None, arch="sdxl", dtype=torch.float16)
+            host.add_lora_file(name, synthetic.save_lora(Path(tmp) / f"{name}.safetensors", sd))
+        host.networks.list_available_networks()
+
+        from klora_ext.webui.forge import ForgeAdapter
+
+        adapter = ForgeAdapter()
+        args = KLoraArgs(enabled=True, content="content", style="style")
+        timings: list[float] = []
+        flips: list[int] = []
+        original = adapter.on_denoiser
+
+        def timed(params: Any) -> None:
+            before = dict(adapter._applied)
+            sync(a.device)
+            start = time.perf_counter()
+            original(params)
+            sync(a.device)
+            timings.append(time.perf_counter() - start)
+            flips.append(sum(1 for k, v in adapter._applied.items() if before.get(k) != v))
+
+        host.callbacks.setdefault("cfg_denoiser", []).append(timed)
+        for run in range(2):  # run 0 includes scoring and Forge's first merge; run 1 is the cached pair
+            timings.clear()
+            flips.clear()
+            p = StableDiffusionProcessingTxt2Img(steps=a.steps, scripts=ScriptRunner([(_Driver(adapter, args), [])]))
+            start = time.perf_counter()
+            host.process_images(p)
+            total = time.perf_counter() - start
+            label = "first (scores computed, Forge merges the content LoRA)" if run == 0 else "cached pair"
+            print(f"\ngeneration {run + 1}, {label}: {total:.2f} s end to end on the fake host")
+        steps_with_flips = sum(1 for t in flips[1:] if t)
+        print(
+            f"K-LoRA per pass ({a.steps} steps): first call (all layers brought to step 0) {timings[0] * 1e3:.1f} ms, "
+            f"per-step sum {sum(timings[1:]) * 1e3:.1f} ms, max step {max(timings[1:]) * 1e3:.2f} ms, "
+            f"{sum(flips[1:])} layer switches over {steps_with_flips} steps"
+        )
+
+        # peers: a full re-merge of every LoRA layer per switch (restore all + merge all), here both LoRAs
+        unet_patcher = engine.forge_objects_after_applying_lora.unet.clone()
+        for name in ("content", "style"):
+            patches, _ = host.modules["backend.patcher.lora"].load_lora(
+                host.networks.load_lora_state_dict(host.disk[name].filename),
+                host.modules["backend.patcher.lora"].model_lora_keys_unet(model, {}),
+            )
+            unet_patcher.add_patches(filename=name, patches=patches, strength_patch=1.0)
+        merges = []
+        for _ in range(3):
+            sync(a.device)
+            start = time.perf_counter()
+            unet_patcher.lora_loader.refresh(unet_patcher.lora_patches, force_refresh=True)
+            sync(a.device)
+            merges.append(time.perf_counter() - start)
+        full = statistics.median(merges)
+        ours = sum(timings)
+        print(f"full re-merge of all {len(layers)} layers (both LoRAs): {full * 1e3:.0f} ms each")
+        print(
+            f"per pass: K-LoRA {ours * 1e3:.0f} ms vs a re-merge per switching step "
+            f"{full * steps_with_flips * 1e3:.0f} ms ({steps_with_flips} x): "
+            f"{full * steps_with_flips / max(ours, 1e-9):.1f}x less work"
+        )
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", help="a running Forge with --api")
+    ap.add_argument("--content", default="klora_it_content")
+    ap.add_argument("--style", default="klora_it_style")
+    ap.add_argument("--wc", type=float, default=1.0)
+    ap.add_argument("--ws", type=float, default=1.0)
+    ap.add_argument("--prompt", default="a photo")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--sampler", default="Euler")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--micro", action="store_true", help="no server: the fake host on this machine")
+    ap.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"))
+    ap.add_argument("--scope", default="transformer", choices=("attention", "transformer", "all"))
+    ap.add_argument("--rank-content", type=int, default=16)
+    ap.add_argument("--rank-style", type=int, default=32)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    a = ap.parse_args()
+    if a.micro:
+        bench_micro(a)
+    elif a.url:
+        bench_server(a)
+    else:
+        ap.error("give --url (a running Forge) or --micro")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,868 @@
+"""Forge host adapter (the current ``backend/`` Forge, "f2.x"; also reForge's ``newmain_newforge`` branch).
+
+Mechanism (``shared/docs/research/forge-internals.md`` §6):
+
+* The **content** LoRA goes through Forge's own patcher: ``process_before_every_sampling`` clones the UNet patcher and
+  ``add_patches`` the content LoRA at strength w_c (a prompt copy of it is taken over, the style LoRA is removed from
+  the clone's patches). Forge merges it once at ``sampling_prepare`` and caches the merged weights across generations
+  (``LoraLoader`` keyed by the patch identifiers); we never call ``refresh`` ourselves.
+* At the first denoiser call of a pass (Forge's refresh has run by then) each layer gets a correction between what
+  the host applied (content at w_c, or nothing) and the role the plan wants now; per step only the layers whose role
+  changes are touched:
+
+  - (A) float weights (fp32/fp16/bf16) resident on the compute device: edited in place, computed in fp32 from an exact
+    copy of the host's weight taken on first touch; restored with ``copy_`` from that copy (bit-exact, no drift);
+  - (B) anything else (fp8, nf4/fp4, GGUF, modules Forge streams from CPU, weights not on the compute device): a
+    forward hook that adds the low-rank correction to the module's output; the weight is never touched.
+
+* In-place edits never outlive a sampling pass: they are undone in ``before_sampling`` (before Forge may refresh and
+  back up weights) and re-applied at the next pass's first denoiser call; ``restore`` undoes everything, idempotently,
+  including the patcher/CLIP objects swapped into ``forge_objects``. The live edits are module-level, so any adapter
+  instance (txt2img or img2img Script) cleans up after an aborted run.
+* Text-encoder parts follow the static policy, through a cloned CLIP patcher put into
+  ``forge_objects_after_applying_lora`` right after the LoRA activation (before conds are computed); the cond caches
+  are invalidated when it is swapped in and out.
+
+The older ``ldm_patched`` backends (Forge before August 2024, reForge ``main``, Forge Classic) are detected and refused
+with a message naming what is supported (``unsupported_reason``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from klora_ext import keys
+from klora_ext.errors import KLoraError
+from klora_ext.log import logger
+from klora_ext.lora_file import LoraFile, LoraLayer, read_lora
+from klora_ext.plan import BOTH, CONTENT, STYLE
+from klora_ext.runtime import Change
+from klora_ext.webui.adapter_base import HostAdapter, KLoraRun, LoraRef, StepInfo
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LEGACY_MESSAGE = (
+    "[K-LoRA] this WebUI is Forge with the older 'ldm_patched' backend (Forge before August 2024, reForge 'main', "
+    "Forge Classic); K-LoRA is disabled here. Supported: AUTOMATIC1111 WebUI 1.6-1.10 and the current Forge "
+    "(f2.x with the 'backend/' folder, also reForge's 'newmain_newforge' branch)."
+)
+_HASH_SUFFIX = re.compile(r"^(.*?)\s*\([0-9a-fA-F]{6,}\)$")
+_BACKUP_HEADROOM = 1536 * 1024 * 1024  # keep this much VRAM free when keeping restore copies on the GPU
+_MAX_FILES = 4
+
+
+def host_kind() -> str | None:
+    """Which Forge this is: "forge2" (``backend/`` patcher with LoRA identifiers), "forge-legacy" (``ldm_patched``:
+    Forge before August 2024, reForge main, Forge Classic) or None (not Forge)."""
+    try:
+        from backend.patcher import base  # type: ignore[import-not-found]
+
+        patcher = getattr(base, "ModelPatcher", None)
+        if patcher is not None and hasattr(patcher, "add_patches") and hasattr(patcher, "refresh_loras"):
+            return "forge2"
+    except Exception:  # noqa: BLE001 - a foreign "backend" package, or a half-installed host: not ours
+        pass
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("ldm_patched") is not None:
+            return "forge-legacy"
+    except (ImportError, ValueError):
+        pass
+    return None
+
+
+def _same_file(a: Any, b: str) -> bool:
+    if not isinstance(a, str) or not a:
+        return False
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
+def _region(tensor: torch.Tensor, offset: tuple[int, int, int] | None) -> torch.Tensor:
+    return tensor if offset is None else tensor.narrow(offset[0], offset[1], offset[2])
+
+
+def _is_quantized(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "bnb_quantized", False)) or getattr(param, "gguf_cls", None) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Live edits (module-level: whichever adapter instance restores, everything is undone)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Edit:
+    """(A): one parameter edited in place, and an exact copy of what the host had put there."""
+
+    tensor: torch.Tensor
+    saved: torch.Tensor
+
+
+class _Term:
+    """One low-rank (or dense) branch added to a module's output: coef * delta(x)."""
+
+    def __init__(self, conv: dict[str, Any] | None, down: torch.Tensor, up: torch.Tensor | None) -> None:
+        self.conv = conv  # None for Linear; stride/padding/dilation/groups for Conv2d
+        self.down = down  # low rank: (r, in) / (r, in, kh, kw); dense: the whole delta (up is None)
+        self.up = up  # (out, r) / (out, r, 1, 1), coefficient folded in
+        self._cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        if key not in self._cast:
+            up = self.up.to(device=x.device, dtype=x.dtype) if self.up is not None else None
+            self._cast[key] = (self.down.to(device=x.device, dtype=x.dtype), up)
+        down, up = self._cast[key]
+        if self.conv is None:
+            y = F.linear(x, down)
+            return F.linear(y, up) if up is not None else y
+        c = self.conv
+        if up is None:
+            return F.conv2d(x, down, None, c["stride"], c["padding"], c["dilation"], c["groups"])
+        return F.conv2d(F.conv2d(x, down, None, c["stride"], c["padding"], c["dilation"]), up)
+
+
+class _Hook:
+    """(B): the forward hook of one module; per layer (an output slice or the whole output) a list of terms."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.terms: dict[str, tuple[tuple[int, int, int] | None, list[_Term]]] = {}
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not self.terms or not args:
+            return output
+        x = args[0]
+        out = output
+        for offset, terms in self.terms.values():
+            extra = terms[0](x)
+            for term in terms[1:]:
+                extra = extra + term(x)
+            extra = extra.to(out.dtype)
+            if offset is None:
+                out = out + extra
+            else:
+                if out is output:
+                    out = output.clone()
+                dim = -1 if extra.dim() != 4 else 1  # Linear: features last; Conv2d: channels
+                out.narrow(dim, offset[1], offset[2]).add_(extra)
+        return out
+
+
+@dataclass
+class _Swap:
+    container: Any
+    attr: str
+    original: Any
+    mine: Any
+
+
+@dataclass
+class _Live:
+    edits: dict[str, _Edit] = field(default_factory=dict)  # param key -> edit
+    hooks: dict[str, _Hook] = field(default_factory=dict)  # module path -> hook
+    swaps: list[_Swap] = field(default_factory=list)
+    cond_caches: list[list] = field(default_factory=list)  # cond caches computed with our text-encoder patches
+
+    def restore_weights(self) -> int:
+        touched = len(self.edits) + len(self.hooks)
+        try:
+            with torch.inference_mode():
+                for edit in self.edits.values():
+                    edit.tensor.copy_(edit.saved)
+        finally:
+            self.edits.clear()
+            for hook in self.hooks.values():
+                hook.handle.remove()
+            self.hooks.clear()
+        return touched
+
+    def restore_all(self) -> int:
+        touched = self.restore_weights()
+        for swap in reversed(self.swaps):
+            if getattr(swap.container, swap.attr, None) is swap.mine:
+                setattr(swap.container, swap.attr, swap.original)
+        touched += len(self.swaps)
+        self.swaps.clear()
+        _invalidate(self.cond_caches)
+        self.cond_caches.clear()
+        return touched
+
+
+_LIVE = _Live()
+
+
+def _invalidate(caches: list[list]) -> None:
+    for cache in caches:
+        if cache:
+            cache[0] = None
+
+
+def _cond_caches(p: Any) -> list[list]:
+    """The WebUI's cond caches (instance and class level): cleared so conds are recomputed with/without our TE."""
+    found: list[list] = []
+    owners: list[Any] = [p]
+    try:
+        from modules import processing  # type: ignore[import-not-found]
+
+        owners += [getattr(processing, "StableDiffusionProcessing", None)]
+        owners += [getattr(processing, "StableDiffusionProcessingTxt2Img", None)]
+    except ImportError:
+        pass
+    for owner in owners:
+        for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+            cache = getattr(owner, name, None) if owner is not None else None
+            if isinstance(cache, list) and not any(cache is c for c in found):
+                found.append(cache)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-run data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    """Where one layer's delta lands in the model, and what the host applies there."""
+
+    layer_id: str
+    key: str  # parameter key in the KModel ("diffusion_model.<path>.weight")
+    offset: tuple[int, int, int] | None  # (dim, start, length) for slices of fused weights (Flux qkv)
+    module_path: str
+    content: LoraLayer | None
+    style: LoraLayer | None
+    host_content: bool = False  # the host merges the content LoRA here
+    mode: str = "A"
+
+
+class ForgeAdapter(HostAdapter):
+    name = "forge"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._files: OrderedDict[tuple[str, int, int], LoraFile] = OrderedDict()
+        self._clear_run_state()
+
+    def _clear_run_state(self) -> None:
+        self._content: LoraFile | None = None
+        self._style: LoraFile | None = None
+        self._roles: dict[str, int] = {}  # wanted role of every non-text-encoder layer (static + plan)
+        self._te_roles: dict[str, int] = {}
+        self._model: Any = None  # the KModel the targets were built for
+        self._targets: dict[str, _Target] = {}
+        self._applied: dict[str, int] = {}  # layer -> role physically applied now (absent: what the host applies)
+        self._clone: Any = None  # our UNet patcher clone
+        self._te_clone: Any = None
+        self._content_ident: tuple | None = None
+        self._host_strength = 0.0
+        self._prepared_pass = -1  # run.passes of the pass the layers were brought up to date for (-1: none)
+        self._prompt_notes: set[str] = set()
+        self._live_unet: Any = None  # the UNet patcher of the pass being sampled
+        self._compute_device = torch.device("cpu")
+        self._compute_dtype = torch.float32
+
+    # ---- detection ----------------------------------------------------------------------------------------------
+    @classmethod
+    def detect(cls) -> bool:
+        """True when the current Forge ``backend/`` patcher is importable."""
+        return host_kind() == "forge2"
+
+    @classmethod
+    def unsupported_reason(cls) -> str | None:
+        """A message for Forge builds K-LoRA does not support (the older ldm_patched backends), else None."""
+        return LEGACY_MESSAGE if host_kind() == "forge-legacy" else None
+
+    # ---- names --------------------------------------------------------------------------------------------------
+    def list_loras(self) -> list[str]:
+        networks = _networks()
+        if not networks.available_networks:
+            networks.list_available_networks()
+        return sorted(networks.available_networks, key=str.lower)
+
+    def resolve(self, name: str) -> LoraRef:
+        networks = _networks()
+        wanted = (name or "").strip()
+        if not wanted:
+            msg = "[K-LoRA] no LoRA name given"
+            raise KLoraError(msg)
+        entry = _lookup(networks, wanted)
+        if entry is None:
+            networks.list_available_networks()  # the file may have been added since the list was built
+            entry = _lookup(networks, wanted)
+        if entry is None:
+            names = sorted(set(networks.available_networks) | set(networks.available_network_aliases), key=str.lower)
+            close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            msg = f"[K-LoRA] LoRA '{wanted}' not found in Forge's LoRA list ({len(names)} known){hint}"
+            raise KLoraError(msg)
+        alias = (
+            entry.get_alias() if callable(getattr(entry, "get_alias", None)) else getattr(entry, "alias", entry.name)
+        )
+        shorthash = getattr(entry, "shorthash", None) or ""
+        if not shorthash and callable(getattr(entry, "read_hash", None)):
+            try:
+                entry.read_hash()
+                shorthash = entry.shorthash or ""
+            except (OSError, AttributeError):
+                shorthash = ""
+        return LoraRef(name=entry.name, alias=alias or entry.name, path=entry.filename, shorthash=shorthash)
+
+    def refresh(self) -> list[str]:
+        """Re-scan the LoRA folder (the UI's refresh button)."""
+        _networks().list_available_networks()
+        return self.list_loras()
+
+    def score_device(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    # ---- arming -------------------------------------------------------------------------------------------------
+    def arm(self, p: Any, run: KLoraRun) -> None:
+        self.restore()
+        self._clear_run_state()
+        self._content = self._read(run.content)
+        self._style = self._read(run.style)
+        static = run.session.static_roles(self._content.layers, self._style.layers)
+        self._te_roles = {i: r for i, r in static.items() if keys.layer_id_parts(i)[0] in ("te1", "te2")}
+        self._roles = {i: r for i, r in static.items() if i not in self._te_roles}
+        unet = _unet_of(p)
+        self._build_targets(unet.model, run)
+        self.run = run
+        logger.info(
+            "armed on Forge: %d layers switched, %d static; content '%s' x%g, style '%s' x%g",
+            len(run.session.plan_layer_ids()),
+            len(self._roles),
+            run.content.name,
+            run.args.content_weight,
+            run.style.name,
+            run.args.style_weight,
+        )
+
+    def _read(self, ref: LoraRef) -> LoraFile:
+        try:
+            st = os.stat(ref.path)
+        except OSError as exc:
+            msg = f"[K-LoRA] LoRA file not found: '{ref.path}'"
+            raise KLoraError(msg) from exc
+        key = (os.path.abspath(ref.path), st.st_size, st.st_mtime_ns)
+        if key in self._files:
+            self._files.move_to_end(key)
+            return self._files[key]
+        from klora_ext.webui.run import score_cache
+
+        lora = read_lora(ref.path, name=ref.name, sha256=score_cache().file_hash(ref.path))
+        self._files[key] = lora
+        while len(self._files) > _MAX_FILES:
+            self._files.popitem(last=False)
+        return lora
+
+    def _build_targets(self, model: Any, run: KLoraRun) -> None:
+        """Map every layer of both files onto the model's parameters with Forge's own LoRA key map."""
+        from backend.patcher.lora import model_lora_keys_unet  # type: ignore[import-not-found]
+
+        content, style = self._content, self._style
+        keymap = model_lora_keys_unet(model, {})  # pass a fresh dict: the function has a mutable default
+        params = dict(model.named_parameters())
+        targets: dict[str, _Target] = {}
+        unmatched: list[str] = []
+        for layer_id in self._roles.keys() | set(run.session.plan_layer_ids()):
+            lc, ls = content.layers.get(layer_id), style.layers.get(layer_id)
+            found = _find_param(layer_id, (lc, ls), keymap, params)
+            if found is None:
+                unmatched.append(layer_id)
+                continue
+            key, offset = found
+            param = params[key]
+            layer = lc or ls
+            if (
+                not _is_quantized(param)
+                and param.dtype in FLOAT_DTYPES
+                and _region(param, offset).numel() != layer.numel
+            ):
+                unmatched.append(layer_id)  # same name, other shape: a LoRA for another architecture
+                continue
+            targets[layer_id] = _Target(layer_id, key, offset, key.rsplit(".", 1)[0], lc, ls)
+        for side, lora in (("content", content), ("style", style)):
+            mine = [i for i in lora.layers if keys.layer_id_parts(i)[0] not in ("te1", "te2")]
+            if mine and not any(i in targets for i in mine):
+                msg = (
+                    f"[K-LoRA] the {side} LoRA '{lora.name}' ({lora.arch}) matches no layer of the loaded model; "
+                    "is it made for this checkpoint's architecture?"
+                )
+                raise KLoraError(msg)
+        if unmatched:
+            note = f"{len(unmatched)} layers do not match the loaded model and are left as Forge applies them"
+            logger.warning("%s (e.g. %s)", note, unmatched[0])
+            run.notes.append(note)
+        self._model = model
+        self._targets = targets
+
+    # ---- text encoders ------------------------------------------------------------------------------------------
+    def on_networks_activated(self, p: Any) -> None:
+        """Apply the text-encoder policy to the CLIP patcher Forge will compute conds with (idempotent)."""
+        run = self.run
+        if run is None or (run.owner is not None and p is not run.owner):
+            return
+        sd_model = p.sd_model
+        after = getattr(sd_model, "forge_objects_after_applying_lora", None)
+        clip = getattr(after, "clip", None)
+        if clip is None or clip is self._te_clone:
+            return
+        want = {
+            "content": any(r in (CONTENT, BOTH) for i, r in self._te_roles.items() if i in self._content.layers),
+            "style": any(r in (STYLE, BOTH) for i, r in self._te_roles.items() if i in self._style.layers),
+        }
+        new = clip.clone()
+        changed = False
+        for side, ref, weight in (
+            ("content", run.content, run.args.content_weight),
+            ("style", run.style, run.args.style_weight),
+        ):
+            patches = new.patcher.lora_patches
+            mine = [k for k in patches if _same_file(k[0], ref.path)]
+            if mine:
+                self._prompt_note(f"the {side} LoRA '{ref.name}' is also in the prompt; K-LoRA applies it instead")
+            if want[side] and len(mine) == 1 and mine[0][1] == weight and mine[0][2] == 1.0:
+                continue  # already there exactly as we would add it
+            for k in mine:
+                patches.pop(k)
+                changed = True
+            if want[side] and weight != 0:
+                te_patches = _host_patches(ref.path, "clip", new.cond_stage_model)
+                if te_patches:
+                    new.add_patches(
+                        filename=ref.path, patches=te_patches, strength_patch=weight, online_mode=_online_mode(p)
+                    )
+                    changed = True
+        if not changed:
+            return
+        self._te_clone = new
+        _LIVE.swaps.append(_Swap(after, "clip", clip, new))
+        current = getattr(sd_model, "forge_objects", None)
+        if current is not None and current is not after and getattr(current, "clip", None) is clip:
+            _LIVE.swaps.append(_Swap(current, "clip", clip, new))
+            current.clip = new
+        after.clip = new
+        caches = _cond_caches(p)
+        _invalidate(caches)
+        _LIVE.cond_caches.extend(c for c in caches if not any(c is o for o in _LIVE.cond_caches))
+
+    # ---- sampling passes ----------------------------------------------------------------------------------------
+    def before_sampling(self, p: Any, *, hires: bool) -> None:
+        """Called right before each sampling pass (twice for Forge's hires pass): undo in-place edits before Forge
+        may refresh its LoRA merge, and put our UNet patcher clone (content LoRA added, style removed) in place."""
+        run = self.run
+        if run is None or (run.owner is not None and p is not run.owner):
+            return
+        _LIVE.restore_weights()
+        self._applied.clear()
+        self._prepared_pass = -1
+        forge_objects = p.sd_model.forge_objects
+        unet = forge_objects.unet
+        if unet is self._clone:
+            return  # idempotent: the same pass asked twice
+        if unet.model is not self._model:
+            try:  # another checkpoint (XYZ checkpoint axis, hires checkpoint): same LoRAs, new targets
+                self._build_targets(unet.model, run)
+            except KLoraError as exc:
+                reason = str(exc).removeprefix("[K-LoRA] ")
+                logger.warning("%s; K-LoRA is off for the rest of this generation", reason)
+                if isinstance(getattr(p, "extra_generation_params", None), dict):
+                    p.extra_generation_params["K-LoRA skipped"] = reason
+                self.disarm(None)
+                return
+        clone = unet.clone()
+        patches = clone.lora_patches
+        for ident in [k for k in patches if _same_file(k[0], run.style.path)]:
+            patches.pop(ident)
+            self._prompt_note(f"the style LoRA '{run.style.name}' is also in the prompt; K-LoRA applies it instead")
+        weight = run.args.content_weight
+        mine = [k for k in patches if _same_file(k[0], run.content.path)]
+        if mine:
+            self._prompt_note(
+                f"the content LoRA '{run.content.name}' is also in the prompt; K-LoRA applies it instead"
+            )
+        if len(mine) == 1 and mine[0][1] == weight and mine[0][2] == 1.0:
+            ident = mine[0]  # exactly what we would add: keep it (same identifier, so Forge's merge cache holds)
+        else:
+            for k in mine:
+                patches.pop(k)
+            ident = None
+            if weight != 0:
+                unet_patches = _host_patches(run.content.path, "unet", clone.model)
+                online = _online_mode(p)
+                clone.add_patches(
+                    filename=run.content.path, patches=unet_patches, strength_patch=weight, online_mode=online
+                )
+                ident = (run.content.path, weight, 1.0, online)
+        self._content_ident = ident
+        self._host_strength = weight if ident is not None else 0.0
+        hosted = clone.lora_patches.get(ident, {}) if ident is not None else {}
+        for t in self._targets.values():
+            t.host_content = t.content is not None and any(e[3] == t.offset for e in hosted.get(t.key, ()))
+        if hasattr(clone, "add_extra_preserved_memory_during_sampling"):
+            biggest = max((t.content or t.style).numel for t in self._targets.values()) if self._targets else 0
+            clone.add_extra_preserved_memory_during_sampling(3 * 4 * biggest)  # fp32 temporaries of one correction
+        _LIVE.swaps.append(_Swap(forge_objects, "unet", unet, clone))
+        forge_objects.unet = clone
+        self._clone = clone
+
+    def step_info(self, params: Any) -> StepInfo | None:
+        denoiser = getattr(params, "denoiser", None)
+        run = self.run
+        if denoiser is None or run is None:
+            return None
+        p = getattr(denoiser, "p", None)
+        if run.owner is not None and p is not run.owner:
+            return None
+        calls = int(getattr(denoiser, "total_steps", 0) or 0)
+        steps = int(getattr(denoiser, "steps", 0) or 0) or calls
+        if calls <= 0 or steps <= 0:
+            return None
+        # Second-order samplers make ~2 calls per step: map calls onto the pass's steps (the plan's rows).
+        step = min(int(denoiser.step) * steps // calls, steps - 1)
+        if getattr(p, "is_hr_pass", False):
+            kind = "hires"
+        elif getattr(p, "init_images", None):
+            kind = "img2img"
+        else:
+            kind = "first"
+        denoise = getattr(p, "denoising_strength", None) if kind != "first" else None
+        return StepInfo(pass_token=denoiser, step=step, total_steps=steps, kind=kind, denoise=denoise)
+
+    def on_denoiser(self, params: Any) -> None:
+        run = self.run
+        if run is None:
+            return
+        p = getattr(getattr(params, "denoiser", None), "p", None)
+        if p is None or (run.owner is not None and p is not run.owner):
+            return
+        unet = p.sd_model.forge_objects.unet
+        if unet.model is not self._model:
+            logger.warning("the model changed during sampling (refiner?); K-LoRA stops for the rest of this image")
+            self.disarm(None)
+            return
+        self._live_unet = unet
+        try:
+            super().on_denoiser(params)
+        except Exception:
+            self.disarm(None)  # never leave a half-applied step behind
+            raise
+
+    def apply_changes(self, changes: list[Change]) -> None:
+        for layer_id, role in changes:
+            self._roles[layer_id] = role
+        run = self.run
+        if run is not None and run.passes != self._prepared_pass:
+            self._prepare_pass()
+            return
+        for layer_id, _ in changes:
+            self._apply(layer_id)
+
+    def _prepare_pass(self) -> None:
+        """First denoiser call of a pass: Forge has merged (refresh ran); check that, pick (A)/(B) per layer from
+        where each weight lives now, and bring every layer to its wanted role."""
+        unet = self._live_unet
+        run = self.run
+        _LIVE.restore_weights()
+        self._applied.clear()
+        patches = unet.lora_patches
+        if self._content_ident is not None and self._content_ident not in patches:
+            msg = "[K-LoRA] another extension replaced the UNet patcher after K-LoRA prepared it; K-LoRA cannot run"
+            raise KLoraError(msg)
+        if any(_same_file(k[0], run.style.path) for k in patches):
+            msg = "[K-LoRA] the style LoRA was added back to the UNet patcher by another extension; K-LoRA cannot run"
+            raise KLoraError(msg)
+        loader = getattr(unet, "lora_loader", None)
+        if loader is not None and getattr(loader, "loaded_hash", None) != str(list(patches.keys())):
+            msg = "[K-LoRA] Forge has not merged the LoRAs of this sampling pass yet; K-LoRA cannot run"
+            raise KLoraError(msg)
+        device = torch.device(getattr(unet, "load_device", "cpu"))
+        counts = {"A": 0, "B": 0}
+        for t in self._targets.values():
+            module = self._model.get_submodule(t.module_path)
+            param = getattr(module, t.key.rsplit(".", 1)[1])
+            t.mode = _mode(module, param, device)
+            counts[t.mode] += 1
+        self._compute_device = device
+        self._compute_dtype = getattr(unet.model, "computation_dtype", torch.float32)
+        for layer_id in self._roles:
+            self._apply(layer_id)
+        self._prepared_pass = run.passes
+        logger.debug("pass %d: %d layers in place (A), %d by forward hook (B)", run.passes, counts["A"], counts["B"])
+
+    # ---- applying one layer -------------------------------------------------------------------------------------
+    def _coefficients(self, t: _Target, role: int) -> tuple[float, float]:
+        """(content coef, style coef) of the correction: wanted delta minus what the host applies."""
+        args = self.run.args
+        content = args.content_weight if role in (CONTENT, BOTH) and t.content is not None else 0.0
+        style = args.style_weight if role in (STYLE, BOTH) and t.style is not None else 0.0
+        if t.host_content:
+            content -= self._host_strength
+        return content, style
+
+    def _apply(self, layer_id: str) -> None:
+        t = self._targets.get(layer_id)
+        role = self._roles.get(layer_id)
+        if t is None or role is None or self._applied.get(layer_id) == role:
+            return
+        c_coef, s_coef = self._coefficients(t, role)
+        if layer_id not in self._applied and c_coef == 0 and s_coef == 0:
+            return  # nothing to correct and nothing corrected before: the host's weight is right as it is
+        if t.mode == "A":
+            self._apply_in_place(t, c_coef, s_coef)
+        else:
+            self._apply_hook(t, c_coef, s_coef)
+        self._applied[layer_id] = role
+
+    def _apply_in_place(self, t: _Target, c_coef: float, s_coef: float) -> None:
+        with torch.inference_mode():
+            edit = _LIVE.edits.get(t.key)
+            if edit is None:
+                module = self._model.get_submodule(t.module_path)
+                param = getattr(module, t.key.rsplit(".", 1)[1])
+                edit = _Edit(param, param.detach().to(_backup_device(param), copy=True))
+                _LIVE.edits[t.key] = edit
+            region = _region(edit.tensor, t.offset)
+            saved = _region(edit.saved, t.offset)
+            if c_coef == 0 and s_coef == 0:
+                region.copy_(saved)
+                return
+            value = saved.to(device=region.device, dtype=torch.float32, copy=True)  # never alias the saved copy
+            value += self._dense(t, c_coef, s_coef, region.device).reshape(region.shape)
+            region.copy_(value)
+
+    @staticmethod
+    def _dense(t: _Target, c_coef: float, s_coef: float, device: torch.device) -> torch.Tensor:
+        out = None
+        for coef, layer in ((c_coef, t.content), (s_coef, t.style)):
+            if coef == 0 or layer is None:
+                continue
+            d = layer.delta(device=device, dtype=torch.float32)  # may share storage with the file's factors
+            out = d * coef if out is None else out.add_(d, alpha=coef)
+        return out
+
+    def _apply_hook(self, t: _Target, c_coef: float, s_coef: float) -> None:
+        if t.offset is not None and t.offset[0] != 0:
+            logger.warning("layer %s: a slice along the input dim cannot be corrected by a forward hook", t.layer_id)
+            return
+        hook = _LIVE.hooks.get(t.module_path)
+        module = self._model.get_submodule(t.module_path)
+        terms = [
+            _term(layer, coef, module, self._compute_device, self._compute_dtype)
+            for coef, layer in ((c_coef, t.content), (s_coef, t.style))
+            if coef != 0 and layer is not None
+        ]
+        if not terms:
+            if hook is not None:
+                hook.terms.pop(t.layer_id, None)
+                if not hook.terms:
+                    hook.handle.remove()
+                    del _LIVE.hooks[t.module_path]
+            return
+        if hook is None:
+            hook = _LIVE.hooks[t.module_path] = _Hook(module)
+        hook.terms[t.layer_id] = (t.offset, terms)
+
+    # ---- ending -------------------------------------------------------------------------------------------------
+    def restore(self) -> None:
+        touched = _LIVE.restore_all()
+        self._applied.clear()
+        self._prepared_pass = -1
+        self._clone = None
+        self._te_clone = None
+        if touched:
+            logger.debug("restored %d weights/hooks/objects", touched)
+
+    def disarm(self, p: Any = None) -> None:
+        run = self.run
+        if run is not None and p is not None and run.owner is not p:
+            return
+        try:
+            super().disarm(p)
+        finally:
+            self._clear_run_state()
+
+    def _prompt_note(self, note: str) -> None:
+        if note in self._prompt_notes:
+            return
+        self._prompt_notes.add(note)
+        logger.info(note)
+        if self.run is not None:
+            self.run.notes.append(note)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _networks() -> Any:
+    try:
+        import networks  # type: ignore[import-not-found]
+    except ImportError as exc:
+        msg = "[K-LoRA] Forge's built-in LoRA extension (sd_forge_lora) is not loaded; enable it in Extensions"
+        raise KLoraError(msg) from exc
+    return networks
+
+
+def _lookup(networks: Any, name: str) -> Any:
+    for candidate in (name, _HASH_SUFFIX.sub(r"\1", name)):
+        for table in (networks.available_network_aliases, networks.available_networks):
+            entry = table.get(candidate)
+            if entry is not None:
+                return entry
+    lowered = name.lower()
+    for table in (networks.available_networks, networks.available_network_aliases):
+        for key, entry in table.items():
+            if key.lower() == lowered:
+                return entry
+    return None
+
+
+def _unet_of(p: Any) -> Any:
+    forge_objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
+    unet = getattr(forge_objects, "unet", None)
+    if unet is None or not hasattr(unet, "lora_patches"):
+        msg = "[K-LoRA] no Forge model is loaded (forge_objects.unet is missing); load a checkpoint first"
+        raise KLoraError(msg)
+    return unet
+
+
+def _host_patches(path: str, part: str, model: Any) -> dict:
+    """A LoRA file parsed by Forge itself for the UNet ("unet") or the text encoders ("clip"): its patch dict."""
+    from backend.patcher import lora  # type: ignore[import-not-found]
+
+    keymap = lora.model_lora_keys_unet(model, {}) if part == "unet" else lora.model_lora_keys_clip(model, {})
+    patches, _ = lora.load_lora(_networks().load_lora_state_dict(path), keymap)  # Forge's lru-cached state dict
+    return patches
+
+
+def _online_mode(p: Any) -> bool:
+    """What Forge's own LoRA loader would choose: online only when asked for and the UNet is not stored in float."""
+    try:
+        from backend.args import dynamic_args  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    if not dynamic_args.get("online_lora", False):
+        return False
+    storage = getattr(_unet_of(p).model, "storage_dtype", torch.float16)
+    return storage not in FLOAT_DTYPES
+
+
+def _find_param(
+    layer_id: str, layers: tuple[LoraLayer | None, ...], keymap: dict, params: dict[str, torch.Tensor]
+) -> tuple[str, tuple[int, int, int] | None] | None:
+    """Forge's key map first (it knows every key style Forge loads, including Flux slices), then our own id."""
+    for layer in layers:
+        if layer is None:
+            continue
+        for source in layer.source_keys:
+            split = keys.split_key(source)
+            target = keymap.get(split[0]) if split else None
+            if target is None:
+                continue
+            key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
+            if key in params:
+                return key, (tuple(offset) if offset is not None else None)
+    key = keys.forge_key(layer_id)
+    if key is not None and key in params:
+        return key, None
+    return None
+
+
+def _mode(module: torch.nn.Module, param: torch.Tensor, device: torch.device) -> str:
+    """(A) in place for float weights resident on the compute device; (B) forward hook for everything else."""
+    if getattr(module, "parameters_manual_cast", False) or _is_quantized(param):
+        return "B"
+    if param.dtype not in FLOAT_DTYPES or param.device != device:
+        return "B"
+    return "A"
+
+
+def _backup_device(param: torch.Tensor) -> torch.device:
+    if param.is_cuda:
+        try:
+            free, _ = torch.cuda.mem_get_info(param.device)
+        except RuntimeError:
+            free = 0
+        if free > param.numel() * param.element_size() + _BACKUP_HEADROOM:
+            return param.device
+        return torch.device("cpu")
+    return param.device
+
+
+def _term(layer: LoraLayer, coef: float, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> _Term:
+    """coef * delta as a forward branch: the file's own factors for plain LoRA/LoCon, else a low-rank factorization
+    of the dense delta when it is exact to fp32 rounding, else the dense delta."""
+    shape = _branch_shape(layer, module)
+    conv = None
+    if len(shape) == 4:
+        conv = {
+            "stride": getattr(module, "stride", 1),
+            "padding": getattr(module, "padding", 0),
+            "dilation": getattr(module, "dilation", 1),
+            "groups": getattr(module, "groups", 1),
+        }
+    out = shape[0]
+    grouped = conv is not None and conv["groups"] != 1
+    f = layer.factors
+    if layer.kind in ("lora", "locon") and "mid" not in f and not grouped:
+        up = f["up"].to(device=device, dtype=torch.float32).reshape(out, -1) * (coef * layer.scale)
+        down = f["down"].to(device=device, dtype=torch.float32)
+        return _make_term(conv, shape, down, up, dtype)
+    dense = layer.delta(device=device, dtype=torch.float32) * coef
+    hint = layer.rank * layer.rank if layer.kind == "loha" else layer.rank
+    factors = None if grouped or layer.kind in ("lokr", "full") else _low_rank(dense.reshape(out, -1), hint)
+    if factors is None:
+        return _Term(conv, dense.reshape(shape).to(dtype), None)
+    up, down = factors
+    return _make_term(conv, shape, down, up, dtype)
+
+
+def _branch_shape(layer: LoraLayer, module: torch.nn.Module) -> tuple[int, ...]:
+    """The delta's shape as the module computes with it: Conv2d (out, in/groups, kh, kw) or Linear (out, in)."""
+    if isinstance(module, torch.nn.Conv2d):
+        shape = (layer.shape[0], module.in_channels // module.groups, *module.kernel_size)
+    else:
+        shape = (layer.shape[0], layer.numel // layer.shape[0])
+    if len(layer.shape) == 4 and not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+        shape = tuple(layer.shape)  # an unknown module type: trust the file
+    return shape if math.prod(shape) == layer.numel else tuple(layer.shape)
+
+
+def _make_term(
+    conv: dict[str, Any] | None, shape: tuple[int, ...], down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype
+) -> _Term:
+    rank = up.shape[1]
+    if conv is None:
+        return _Term(None, down.reshape(rank, -1).to(dtype), up.to(dtype))
+    return _Term(conv, down.reshape(rank, *shape[1:]).to(dtype), up.reshape(shape[0], rank, 1, 1).to(dtype))
+
+
+def _low_rank(matrix: torch.Tensor, rank_hint: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(up, down) with up @ down == matrix to fp32 rounding, or None when that is not cheaper than dense."""
+    rows, cols = matrix.shape
+    q = min(rank_hint + 8, rows, cols)
+    if q * (rows + cols) * 2 >= rows * cols:
+        return None
+    gen = torch.Generator(device=matrix.device).manual_seed(0)
+    probe = torch.randn(cols, q, generator=gen, device=matrix.device, dtype=matrix.dtype)
+    basis, _ = torch.linalg.qr(matrix @ probe)
+    down = basis.T @ matrix
+    residual = torch.linalg.matrix_norm(matrix - basis @ down)
+    if residual > 1e-5 * torch.linalg.matrix_norm(matrix).clamp_min(1e-30):
+        return None
+    return basis, down
+
+
+__all__ = ["LEGACY_MESSAGE", "ForgeAdapter", "host_kind"]
