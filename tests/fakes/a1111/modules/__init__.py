@@ -1,0 +1,1 @@
+"""Fake ``modules`` package of AUTOMATIC1111 WebUI (tests only)."""

@@ -1,0 +1,234 @@
+"""Fake builtin Lora ``networks`` module: discovery, loading, and the per-layer merge state machine.
+
+Merge semantics (research notes §1.5, §1.8): a layer is recomputed at its forward iff its ``network_current_names``
+differs from ``wanted_names`` = (name, te, unet, dyn_dim) of every loaded network; recomputing restores the weight
+from the CPU backup made at the first merge and adds every loaded network's ``calc_updown`` in list order.
+"""
+
+import os
+
+import network
+import network_lora
+import torch
+import torch.nn.functional as F
+from modules import devices, shared
+
+module_types = [network_lora.ModuleTypeLora()]
+
+available_networks: dict = {}
+available_network_aliases: dict = {}
+forbidden_network_aliases: dict = {}
+available_network_hash_lookup: dict = {}
+loaded_networks: list = []
+networks_in_memory: dict = {}
+originals = None  # the real module holds the torch patches here; the fake calls the forwards directly
+errors: dict = {}
+merge_log: list[str] = []  # layer names, one per recompute
+
+
+# ---- discovery ----------------------------------------------------------------------------------------------------
+def process_network_files(names=None):
+    folder = shared.cmd_opts.lora_dir
+    if not folder or not os.path.isdir(folder):
+        return
+    for root, _dirs, files in os.walk(folder):
+        for file in sorted(files):
+            if os.path.splitext(file)[1].lower() not in (".safetensors", ".pt", ".ckpt"):
+                continue
+            name = os.path.splitext(file)[0]
+            if names and name not in names:
+                continue
+            entry = network.NetworkOnDisk(name, os.path.join(root, file))
+            available_networks[name] = entry
+            if entry.alias in available_network_aliases:
+                forbidden_network_aliases[entry.alias.lower()] = 1
+            available_network_aliases[name] = entry
+            available_network_aliases[entry.alias] = entry
+
+
+def update_available_networks_by_names(names):
+    process_network_files(names)
+
+
+def list_available_networks():
+    available_networks.clear()
+    available_network_aliases.clear()
+    forbidden_network_aliases.clear()
+    available_network_hash_lookup.clear()
+    forbidden_network_aliases.update({"none": 1, "Addams": 1})
+    process_network_files()
+
+
+# ---- names on the model -------------------------------------------------------------------------------------------
+def assign_network_names_to_compvis_modules(sd_model):
+    mapping = {}
+    for name, module in sd_model.cond_stage_model.wrapped.named_modules():
+        key = name.replace(".", "_")
+        mapping[key] = module
+        module.network_layer_name = key
+    for name, module in sd_model.model.named_modules():
+        key = name.replace(".", "_")
+        mapping[key] = module
+        module.network_layer_name = key
+    sd_model.network_layer_mapping = mapping
+
+
+def _convert(key):
+    """kohya module key -> A1111 layer name (compvis-style UNet keys and SD1/SDXL text-encoder keys only)."""
+    if key.startswith("lora_unet_"):
+        return "diffusion_model_" + key[len("lora_unet_") :]
+    if key.startswith("lora_te_text_model"):
+        return "transformer_" + key[len("lora_te_") :]
+    return key
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+def load_network(name, network_on_disk):
+    from safetensors.torch import load_file
+
+    net = network.Network(name, network_on_disk)
+    net.mtime = os.path.getmtime(network_on_disk.filename)
+    sd = load_file(network_on_disk.filename)
+    model = shared.sd_model
+    if not hasattr(model, "network_layer_mapping"):
+        assign_network_names_to_compvis_modules(model)
+    matched = {}
+    for key_network, weight in sd.items():
+        module_key, _, part = key_network.partition(".")
+        key = _convert(module_key)
+        sd_module = model.network_layer_mapping.get(key)
+        if sd_module is None and module_key.startswith("lora_te1_text_model"):
+            key = "0_transformer_" + module_key[len("lora_te1_") :]
+            sd_module = model.network_layer_mapping.get(key)
+            if sd_module is None:
+                key = "transformer_" + module_key[len("lora_te1_") :]
+                sd_module = model.network_layer_mapping.get(key)
+        if sd_module is None:
+            continue
+        if key not in matched:
+            matched[key] = network.NetworkWeights(network_key=key_network, sd_key=key, w={}, sd_module=sd_module)
+        matched[key].w[part] = weight
+    for key, weights in matched.items():
+        module = None
+        for kind in module_types:
+            module = kind.create_module(net, weights)
+            if module is not None:
+                break
+        if module is None:
+            raise AssertionError(f"Could not find a module type that would accept those keys: {', '.join(weights.w)}")
+        net.modules[key] = module
+    return net
+
+
+def _on_disk(name):
+    if name.lower() in forbidden_network_aliases:
+        return available_networks.get(name)
+    return available_network_aliases.get(name)
+
+
+def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=None):
+    already_loaded = {net.name: net for net in loaded_networks if net.name in names}
+    loaded_networks.clear()
+    if any(_on_disk(n) is None for n in names):
+        list_available_networks()
+    for i, name in enumerate(names):
+        entry = _on_disk(name)
+        if entry is None:
+            continue
+        net = already_loaded.get(name) or networks_in_memory.get(name)
+        if net is None or os.path.getmtime(entry.filename) > net.mtime:
+            net = load_network(name, entry)
+            networks_in_memory[name] = net
+        net.mentioned_name = name
+        entry.read_hash()
+        net.te_multiplier = te_multipliers[i] if te_multipliers else 1.0
+        net.unet_multiplier = unet_multipliers[i] if unet_multipliers else 1.0
+        net.dyn_dim = dyn_dims[i] if dyn_dims else 1.0
+        loaded_networks.append(net)
+
+
+# ---- the merge state machine --------------------------------------------------------------------------------------
+def network_restore_weights_from_backup(self):
+    backup = getattr(self, "network_weights_backup", None)
+    bias_backup = getattr(self, "network_bias_backup", None)
+    if backup is None and bias_backup is None:
+        return
+    if backup is not None:
+        self.weight.copy_(backup)
+    if bias_backup is not None:
+        self.bias.copy_(bias_backup)
+
+
+def network_apply_weights(self):
+    name = getattr(self, "network_layer_name", None)
+    if name is None:
+        return
+    current = getattr(self, "network_current_names", ())
+    wanted = tuple((x.name, x.te_multiplier, x.unet_multiplier, x.dyn_dim) for x in loaded_networks)
+    if getattr(self, "network_weights_backup", None) is None and wanted != ():
+        if current != ():
+            raise RuntimeError(f"{name} - no backup weights found and current weights are not unchanged")
+        self.network_weights_backup = self.weight.to(devices.cpu, copy=True)
+    if getattr(self, "network_bias_backup", None) is None and wanted != ():
+        self.network_bias_backup = self.bias.to(devices.cpu, copy=True) if self.bias is not None else None
+    if current != wanted:
+        merge_log.append(name)
+        network_restore_weights_from_backup(self)
+        for net in loaded_networks:
+            module = net.modules.get(name)
+            if module is None:
+                continue
+            try:
+                with torch.no_grad():
+                    weight = self.weight
+                    updown, _ = module.calc_updown(weight)
+                    self.weight.copy_((weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
+            except RuntimeError:
+                errors[net.name] = errors.get(net.name, 0) + 1
+        self.network_current_names = wanted
+
+
+def network_reset_cached_weight(self):
+    self.network_current_names = ()
+    self.network_weights_backup = None
+    self.network_bias_backup = None
+
+
+def network_forward(org_module, input, original_forward):
+    if len(loaded_networks) == 0:
+        return original_forward(org_module, input)
+    network_restore_weights_from_backup(org_module)
+    network_reset_cached_weight(org_module)
+    y = original_forward(org_module, input)
+    name = getattr(org_module, "network_layer_name", None)
+    for net in loaded_networks:
+        module = net.modules.get(name)
+        if module is not None:
+            y = module.forward(input, y)
+    return y
+
+
+def _linear(self, x):
+    return F.linear(x, self.weight, self.bias)
+
+
+def _conv(self, x):
+    return self._conv_forward(x, self.weight, self.bias)
+
+
+def network_Linear_forward(self, input):
+    if shared.opts.lora_functional:
+        return network_forward(self, input, _linear)
+    network_apply_weights(self)
+    return _linear(self, input)
+
+
+def network_Conv2d_forward(self, input):
+    if shared.opts.lora_functional:
+        return network_forward(self, input, _conv)
+    network_apply_weights(self)
+    return _conv(self, input)
+
+
+def network_Linear_load_state_dict(self, *args, **kwargs):
+    network_reset_cached_weight(self)

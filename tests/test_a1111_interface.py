@@ -1,0 +1,388 @@
+"""What a user touches in the fake A1111: accordion, API args, errors, XYZ axes, infotext, endpoints."""
+
+from __future__ import annotations
+
+import shutil
+import types
+
+import pytest
+import torch
+
+from klora_ext.args import FIELDS, KLoraArgs
+from klora_ext.errors import KLoraError
+
+GOOD = {"enabled": True, "content": "subject_v1", "style": "painterly"}
+
+
+def _stopped(webui, res, text):
+    from modules import shared
+
+    assert res.images == [], "a stopped generation makes no image"
+    assert shared.state.interrupted
+    assert text in res.comments and res.comments.startswith("[K-LoRA]")
+    assert webui.adapter is None or webui.adapter.run is None
+
+
+# ---- UI -------------------------------------------------------------------------------------------------------------
+def test_ui_components_in_fields_order_with_prefixed_ids(webui):
+    from modules.ui_components import InputAccordion
+
+    controls = webui.txt2img_runner.inputs[webui.txt2img_script.args_from : webui.txt2img_script.args_to]
+    assert len(controls) == len(FIELDS)
+    assert isinstance(controls[0], InputAccordion)
+    for control, field in zip(controls, FIELDS):
+        assert control.elem_id.startswith(f"klora_txt2img_{field.name}")
+        assert type(control.value) is type(field.default) or field.kind == "float"
+    img = webui.img2img_runner.inputs[webui.img2img_script.args_from]
+    assert img.elem_id.startswith("klora_img2img_")
+    # LoRA pickers are filled from the WebUI's list; refresh rescans
+    assert set(controls[1].choices) == {"other", "painterly", "subject_v1"}
+    shutil.copy(webui.paths["other"], webui.lora_dir / "late.safetensors")
+    refresh = next(b for b in __import__("gradio").created if (b.elem_id or "") == "klora_txt2img_refresh")
+    _, fn, _, outputs = refresh.events[0]
+    updates = fn()
+    assert all("late" in u["choices"] for u in updates) and outputs == [controls[1], controls[3]]
+
+
+def test_settings_defaults_feed_the_ui(webui):
+    from modules import shared
+
+    shared.opts.klora_alpha = 2.25
+    shared.opts.klora_show_map = True
+    script = webui.Script()
+    runner = __import__("modules.scripts", fromlist=["ScriptRunner"]).ScriptRunner()
+    controls = runner.add_script(script)
+    assert controls[5].value == 2.25 and controls[-1].value is True
+    assert {
+        "klora_alpha",
+        "klora_beta",
+        "klora_show_map",
+        "klora_save_map",
+        "klora_cache_size",
+        "klora_on_error",
+    } <= set(shared.opts.data_labels)
+
+
+def test_ui_without_input_accordion(webui, monkeypatch):
+    import modules.ui_components as components
+
+    monkeypatch.delattr(components, "InputAccordion")
+    runner = __import__("modules.scripts", fromlist=["ScriptRunner"]).ScriptRunner()
+    controls = runner.add_script(webui.Script())
+    assert controls[0].elem_id == "klora_txt2img_enabled" and controls[0].value is False
+
+
+# ---- API arguments --------------------------------------------------------------------------------------------------
+def test_api_positional_and_dict_forms_agree(webui):
+    positional = [True, "subject_v1", 0.9, "painterly", 1.1, 1.2, 0.4]
+    named = {
+        "enabled": True,
+        "content": "subject_v1",
+        "content_weight": 0.9,
+        "style": "painterly",
+        "style_weight": 1.1,
+        "alpha": 1.2,
+        "beta": 0.4,
+    }
+    _, a = webui.generate(positional, prompt="x", steps=5, seed=2)
+    _, b = webui.generate(named, prompt="x", steps=5, seed=2)
+    assert torch.equal(a.images[0].tensor, b.images[0].tensor)
+    assert a.infotexts[0] == b.infotexts[0] and "K-LoRA alpha: 1.2" in a.infotexts[0]
+    # strings as JSON clients send them are coerced; aliases accepted
+    _, c = webui.generate(
+        {**named, "alpha": "1.2", "scope": "all shared layers", "enabled": "true"}, prompt="x", steps=5, seed=2
+    )
+    assert torch.equal(a.images[0].tensor, c.images[0].tensor)
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({**GOOD, "alpha": "fast"}, "'alpha'"),
+        ({**GOOD, "colour": 1}, "'colour'"),
+        ({**GOOD, "method": "best"}, "'method'"),
+        ([True, "subject_v1", "heavy"], "'content_weight'"),
+        ({**GOOD, "beta": 99}, "'beta'"),
+    ],
+)
+def test_invalid_payloads_stop_with_the_field_named(webui, payload, field):
+    from modules import errors
+
+    _, res = webui.generate(payload, prompt="x", steps=3)
+    _stopped(webui, res, field)
+    assert any("KLoraError" in line and field in line for line in errors.reported)
+
+
+# ---- runtime problems -----------------------------------------------------------------------------------------------
+def _corrupt(webui):
+    (webui.lora_dir / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    return {**GOOD, "style": "broken"}
+
+
+def _other_model(webui):
+    from klora_ext import synthetic
+
+    sd = synthetic.make_lora_state_dict([("unet:input_blocks.4.1.proj_in", (640, 640))], 2, arch="sdxl")
+    synthetic.save_lora(webui.lora_dir / "xl_style.safetensors", sd)
+    return {**GOOD, "style": "xl_style"}
+
+
+def _both_other_model(webui):
+    from klora_ext import synthetic
+
+    layers = [("unet:input_blocks.4.1.proj_in", (640, 640)), ("unet:input_blocks.4.1.proj_out", (640, 640))]
+    for name, seed in (("xl_subject", 1), ("xl_style", 2)):
+        sd = synthetic.make_lora_state_dict(layers, 2, arch="sdxl", seed=seed)
+        synthetic.save_lora(webui.lora_dir / f"{name}.safetensors", sd)
+    return {"enabled": True, "content": "xl_subject", "style": "xl_style"}
+
+
+@pytest.mark.parametrize(
+    ("make", "text"),
+    [
+        (lambda w: {**GOOD, "content": "subjekt_v1"}, "did you mean 'subject_v1'"),
+        (lambda w: {**GOOD, "style": "subject"}, "same file"),
+        (lambda w: {**GOOD, "style": "subject_v1"}, "same LoRA"),
+        (lambda w: {**GOOD, "style": ""}, "only one LoRA"),
+        (lambda w: {"enabled": True}, "no LoRAs chosen"),
+        (_corrupt, "broken"),
+        (_other_model, "same base model"),
+        (_both_other_model, "another base model"),
+    ],
+)
+def test_runtime_problems_stop_by_default_and_continue_on_request(webui, make, text):
+    from modules import shared
+
+    payload = make(webui)
+    _, res = webui.generate(payload, prompt="a photo", steps=3)
+    _stopped(webui, res, text)
+    shared.opts.klora_on_error = "continue without K-LoRA"
+    _, res = webui.generate(payload, prompt="a photo", steps=3, seed=7)
+    assert len(res.images) == 1 and not shared.state.interrupted
+    assert "K-LoRA skipped: " in res.infotexts[0] and text.split("'")[0] in res.infotexts[0]
+    assert "K-LoRA: v1" not in res.infotexts[0]
+    for rec in webui.records:  # generated without K-LoRA
+        assert all(torch.equal(rec["weights"][n], w) for n, w in webui.pristine.items())
+
+
+def _forge_like_networks(monkeypatch):
+    """A module named ``networks`` without A1111's merge functions (what Forge has); the fake model keeps its own.
+    Set directly (not with monkeypatch, whose undo would put the fake host's module back after the purge)."""
+    import sys
+
+    sys.modules["networks"] = types.ModuleType("networks")
+
+
+def test_disabled_host_says_what_is_supported(fake_a1111, tmp_path, monkeypatch):
+    import fakehost
+
+    host = fakehost.FakeHost(tmp_path)
+    from klora_ext.webui import script
+
+    _forge_like_networks(monkeypatch)
+    script.STATE.detected = False
+    script.STATE.adapter = None
+    _, res = host.generate(GOOD, prompt="x", steps=2)
+    assert res.images == [] and "AUTOMATIC1111 WebUI v1.6-v1.10" in res.comments and "Forge" in res.comments
+    _, res = host.generate(None, prompt="x", steps=2)  # disabled K-LoRA: nothing happens
+    assert len(res.images) == 1
+
+
+def test_forge_detected_without_forge_adapter_disables_cleanly(fake_a1111, tmp_path, monkeypatch):
+    import importlib.util
+
+    import fakehost
+
+    fakehost.FakeHost(tmp_path)
+    from klora_ext.webui import script
+
+    _forge_like_networks(monkeypatch)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "modules_forge" else real(name, *a)
+    )
+
+    def fail(name, *a, **k):
+        if name == "klora_ext.webui.forge":
+            raise ImportError("no forge module")
+        return __import__("importlib").import_module(name)
+
+    monkeypatch.setattr(script.importlib, "import_module", fail)
+    adapter, reason = script.detect_adapter()
+    assert adapter is None and "Forge detected" in reason and "K-LoRA is off" in reason
+
+
+# ---- XYZ ------------------------------------------------------------------------------------------------------------
+def _labels():
+    import xyz_grid
+
+    return [o.label for o in xyz_grid.axis_options if o.label.startswith("[K-LoRA]")]
+
+
+def test_xyz_axes_registered_once_and_after_reload(webui):
+    import xyz_grid
+    from modules import script_callbacks
+
+    expected = [
+        "[K-LoRA] Alpha",
+        "[K-LoRA] Beta",
+        "[K-LoRA] Method",
+        "[K-LoRA] Schedule",
+        "[K-LoRA] Content LoRA",
+        "[K-LoRA] Style LoRA",
+        "[K-LoRA] Enabled",
+    ]
+    assert _labels() == expected
+    script_callbacks.before_ui_callback()
+    assert _labels() == expected
+    xyz_grid.axis_options[:] = xyz_grid.axis_options[:2]  # a UI reload rebuilds the plot module's list
+    script_callbacks.before_ui_callback()
+    assert _labels() == expected
+
+
+def test_xyz_cells_get_their_own_values(webui):
+    import xyz_grid
+
+    p = webui.make_p(GOOD, prompt="x", steps=6, seed=3)
+    cells = xyz_grid.run_axis(p, "[K-LoRA] Alpha", ["0.5", "3"])
+    assert not hasattr(p, "_klora_xyz")
+    (pa, ra), (pb, rb) = cells
+    assert pa._klora_xyz == {"alpha": 0.5, "enabled": True} and pb._klora_xyz["alpha"] == 3.0
+    assert "K-LoRA alpha: 0.5" in ra.infotexts[0] and "K-LoRA alpha: 3" in rb.infotexts[0]
+    assert not torch.equal(ra.images[0].tensor, rb.images[0].tensor)
+    # different alpha -> different plans
+    assert len(ra.images) == len(rb.images) == 1
+
+
+def test_xyz_axis_turns_k_lora_on_unless_enabled_axis_says_no(webui):
+    import xyz_grid
+
+    p = webui.make_p({"content": "subject_v1", "style": "painterly"}, prompt="x", steps=4)
+    ((_, on),) = xyz_grid.run_axis(p, "[K-LoRA] Beta", ["0.7"])
+    assert "K-LoRA beta: 0.7" in on.infotexts[0]
+    off = xyz_grid.axis_options[[o.label for o in xyz_grid.axis_options].index("[K-LoRA] Enabled")]
+    pc = webui.make_p({"content": "subject_v1", "style": "painterly"}, prompt="x", steps=4)
+    off.apply(pc, "False", ["False"])
+    xyz_grid.axis_options[[o.label for o in xyz_grid.axis_options].index("[K-LoRA] Beta")].apply(pc, 0.7, [0.7])
+    assert pc._klora_xyz == {"enabled": False, "beta": 0.7}
+
+
+def test_xyz_values_are_validated_before_the_first_cell(webui):
+    import xyz_grid
+
+    p = webui.make_p(GOOD, prompt="x", steps=3)
+    with pytest.raises(KLoraError, match="'method' must be one of"):
+        xyz_grid.run_axis(p, "[K-LoRA] Method", ["k-lora", "best"])
+    with pytest.raises(KLoraError, match="did you mean"):
+        xyz_grid.run_axis(p, "[K-LoRA] Style LoRA", ["painterly", "paintrly"])
+    with pytest.raises(KLoraError, match="'alpha'"):
+        xyz_grid.run_axis(p, "[K-LoRA] Alpha", ["1", "-2"])
+    assert webui.records == []
+    method = next(o for o in xyz_grid.axis_options if o.label == "[K-LoRA] Method")
+    assert method.choices() == ["k-lora", "fixed", "random", "content-only", "style-only", "merge"]
+    content = next(o for o in xyz_grid.axis_options if o.label == "[K-LoRA] Content LoRA")
+    assert "subject_v1" in content.choices()
+
+
+# ---- infotext -------------------------------------------------------------------------------------------------------
+def test_infotext_round_trip_through_paste_and_api(webui):
+    from modules.infotext_utils import parse_generation_parameters, paste
+
+    args = KLoraArgs(
+        enabled=True,
+        content="subject_v1",
+        style="painterly",
+        content_weight=0.7,
+        style_weight=1.25,
+        alpha=2.0,
+        beta=0.3,
+        gamma_mode="manual",
+        gamma=1.7,
+        schedule="s*",
+        clock="reference",
+        scope="attention",
+        k_multiplier=2.0,
+        method="k-lora",
+        te_policy="content",
+        hires="continue",
+    )
+    _, res = webui.generate(args.to_dict(), prompt="a, b: c", steps=4)
+    params = parse_generation_parameters(res.infotexts[0])
+    assert KLoraArgs.from_infotext(params) == args.replace(show_map=False)
+    updates = dict(paste(webui.txt2img_runner.infotext_fields, params))
+    controls = webui.txt2img_runner.inputs[webui.txt2img_script.args_from : webui.txt2img_script.args_to]
+    values = [updates.get(c) if updates.get(c) is not None else c.value for c in controls]
+    assert KLoraArgs.from_positional(values) == args.replace(show_map=False)
+    # defaults left out of the short infotext are pasted as defaults too
+    _, res = webui.generate(GOOD, prompt="x", steps=2)
+    params = parse_generation_parameters(res.infotexts[0])
+    updates = dict(paste(webui.txt2img_runner.infotext_fields, params))
+    assert updates[controls[5]] == 1.5 and updates[controls[0]] is True
+
+
+def test_pasting_infotext_without_k_lora_turns_it_off(webui):
+    from modules.infotext_utils import parse_generation_parameters, paste
+
+    params = parse_generation_parameters("a cat\nNegative prompt: \nSteps: 20, Sampler: Euler, Seed: 1")
+    updates = paste(webui.txt2img_runner.infotext_fields, params)
+    assert updates[0][1] is False and all(v is None for _, v in updates[1:])
+
+
+def test_paste_finds_a_renamed_lora_by_its_hash(webui):
+    import networks
+    from modules.infotext_utils import parse_generation_parameters, paste
+
+    _, res = webui.generate(GOOD, prompt="x", steps=2)
+    params = parse_generation_parameters(res.infotexts[0])
+    (webui.lora_dir / "painterly.safetensors").rename(webui.lora_dir / "painterly_v2.safetensors")
+    networks.list_available_networks()
+    networks.available_networks["painterly_v2"].read_hash()
+    controls = webui.txt2img_runner.inputs[webui.txt2img_script.args_from : webui.txt2img_script.args_to]
+    updates = dict(paste(webui.txt2img_runner.infotext_fields, params))
+    assert updates[controls[3]] == "painterly_v2" and updates[controls[1]] == "subject_v1"
+
+
+def test_skipped_reason_and_hashes_in_infotext(webui):
+    from modules.infotext_utils import parse_generation_parameters
+
+    _, res = webui.generate(GOOD, prompt="x", steps=2)
+    params = parse_generation_parameters(res.infotexts[0])
+    assert params["K-LoRA"] == "v1" and len(params["K-LoRA content hash"]) == 12
+
+
+# ---- endpoints ------------------------------------------------------------------------------------------------------
+class _App:
+    def __init__(self):
+        self.routes = []
+
+    def add_api_route(self, path, fn, methods):
+        self.routes.append(types.SimpleNamespace(path=path, endpoint=fn, methods=methods))
+
+
+def test_api_endpoints(webui):
+    from modules import script_callbacks
+
+    app = _App()
+    script_callbacks.app_started_callback(None, app)
+    script_callbacks.app_started_callback(None, app)  # idempotent
+    routes = {r.path: r.endpoint for r in app.routes}
+    assert sorted(routes) == ["/klora/v1/cache/clear", "/klora/v1/plan/last", "/klora/v1/schema", "/klora/v1/version"]
+    version = routes["/klora/v1/version"]()
+    assert version["host"] == "a1111" and version["infotext_version"] == "v1"
+    schema = routes["/klora/v1/schema"]()
+    assert [f["name"] for f in schema["fields"]] == [f.name for f in FIELDS]
+    assert schema["fields"][5] == {
+        "index": 5,
+        "name": "alpha",
+        "kind": "float",
+        "default": 1.5,
+        "label": "Alpha (scale slope)",
+        "infotext": "K-LoRA alpha",
+        "min": 0.0,
+        "max": 10.0,
+        "min_exclusive": False,
+    }
+    webui.generate(GOOD, prompt="x", steps=3)
+    assert routes["/klora/v1/plan/last"]()["steps"] == 3
+    assert routes["/klora/v1/cache/clear"]() == {"cleared": 1}
+    assert routes["/klora/v1/cache/clear"]() == {"cleared": 0}
