@@ -20,6 +20,7 @@ def _stopped(webui, res, text):
     assert res.images == [], "a stopped generation makes no image"
     assert shared.state.interrupted
     assert text in res.comments and res.comments.startswith("[K-LoRA]")
+    assert text in res.extra_generation_params["K-LoRA error"]  # the API's info JSON has no comments
     assert webui.adapter is None or webui.adapter.run is None
 
 

@@ -402,6 +402,10 @@ def _stop(p: Any, error: KLoraError) -> None:
     """Stop this generation before its first step, with the message where the user sees it."""
     message = str(error)
     logger.error(message.removeprefix("[K-LoRA] "))
+    # The API's `info` JSON carries the infotext params but not the comments: put the message in both.
+    params = getattr(p, "extra_generation_params", None)
+    if isinstance(params, dict):
+        params["K-LoRA error"] = message.removeprefix("[K-LoRA] ")
     if hasattr(p, "comment"):
         p.comment(message)
     elif isinstance(getattr(p, "comments", None), dict):

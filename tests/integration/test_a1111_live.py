@@ -107,7 +107,10 @@ def test_selection_map_returned_when_asked():
 def test_invalid_payload_stops_with_the_field_named():
     result = txt2img(**_klora([{**KLORA, "alpha": "fast"}]))
     assert result["images"] == []
-    assert "'alpha'" in result["parsed_info"].get("comments", "")
+    # v1.10's info JSON has no comments; the message travels in the infotext params
+    info = result["parsed_info"]
+    assert "'alpha' must be a number" in info["extra_generation_params"].get("K-LoRA error", "")
+    assert any("K-LoRA error" in text for text in info.get("infotexts", []))
 
 
 def test_xyz_over_alpha_gives_one_image_per_value():

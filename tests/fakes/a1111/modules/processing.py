@@ -112,6 +112,7 @@ class Processed:
         self.info = infotexts[0] if infotexts else ""
         self.comments = "".join(f"{c}\n" for c in p.comments)
         self.seed = p.all_seeds[0] if p.all_seeds else p.seed
+        self.extra_generation_params = dict(p.extra_generation_params)  # what v1.10's info JSON carries
 
 
 class StableDiffusionProcessing:
