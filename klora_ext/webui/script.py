@@ -250,6 +250,10 @@ def on_app_started(demo: Any, app: Any) -> None:
     from klora_ext.webui import api
 
     api.mount(app, host_info=host_info, last_plan=lambda: STATE.last_plan)
+    try:
+        api.install_validation(app)
+    except Exception as exc:  # noqa: BLE001 - without it, bad payloads are still stopped inside process()
+        logger.warning("could not add the API argument check (%s); invalid payloads stop at generation time", exc)
 
 
 def _resolve_for_xyz(name: str) -> None:

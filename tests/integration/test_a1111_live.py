@@ -104,12 +104,32 @@ def test_selection_map_returned_when_asked():
     assert _request("/klora/v1/plan/last")["steps"] == BASE["steps"]
 
 
-def test_invalid_payload_stops_with_the_field_named():
-    result = txt2img(**_klora([{**KLORA, "alpha": "fast"}]))
+def _status_of(path: str, payload: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        URL + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+            return resp.status, json.loads(resp.read().decode())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read().decode() or "{}")
+
+
+def test_invalid_payload_is_refused_with_422_naming_the_field():
+    status, body = _status_of("/sdapi/v1/txt2img", {**BASE, **_klora([{**KLORA, "alpha": "fast"}])})
+    assert status == 422
+    assert body["detail"].startswith("[K-LoRA] 'alpha' must be a number from 0.0 to 10.0")
+    status, body = _status_of("/sdapi/v1/txt2img", {**BASE, **_klora([{"enabled": True, "content": CONTENT}])})
+    assert status == 422 and "only one LoRA chosen" in body["detail"]
+
+
+def test_unknown_lora_stops_the_generation_with_the_message():
+    # only the host knows its LoRA names: this one is judged at generation time, not by the 422 check
+    result = txt2img(**_klora([{**KLORA, "style": "no_such_lora_xyz"}]))
     assert result["images"] == []
-    # v1.10's info JSON has no comments; the message travels in the infotext params
+    # the info JSON has no comments; the message travels in the infotext params
     info = result["parsed_info"]
-    assert "'alpha' must be a number" in info["extra_generation_params"].get("K-LoRA error", "")
+    assert "no_such_lora_xyz" in info["extra_generation_params"].get("K-LoRA error", "")
     assert any("K-LoRA error" in text for text in info.get("infotexts", []))
 
 
