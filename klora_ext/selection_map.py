@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -683,70 +684,24 @@ def render_map(
 
 
 def map_png_bytes(
-    roles: np.ndarray,
-    layer_ids: Sequence[str],
-    *,
-    groups: Sequence[str] | None = None,
-    title: str = "",
-    info_lines: Sequence[str] = (),
-    cell: int | None = None,
-    row_height: int | None = None,
-    first_step: int = 0,
-    text_scale: int | None = None,
-    max_width: int = MAX_WIDTH,
-    text: Mapping[str, str] | None = None,
+    roles: np.ndarray, layer_ids: Sequence[str], *, text: Mapping[str, str] | None = None, **options: Any
 ) -> bytes:
-    """`render_map` encoded as PNG. tEXt chunks: Software, Title, Description (the info lines), plus `text`."""
-    img = render_map(
-        roles,
-        layer_ids,
-        groups=groups,
-        title=title,
-        info_lines=info_lines,
-        cell=cell,
-        row_height=row_height,
-        first_step=first_step,
-        text_scale=text_scale,
-        max_width=max_width,
-    )
+    """`render_map` (same keyword options) encoded as PNG. tEXt chunks: Software, Title, Description (the info
+    lines), plus `text`."""
+    img = render_map(roles, layer_ids, **options)
     meta: dict[str, str] = {"Software": f"sd-webui-k-lora {__version__}"}
-    if title:
-        meta["Title"] = title
-    if info_lines:
-        meta["Description"] = "\n".join(info_lines)
+    if options.get("title"):
+        meta["Title"] = options["title"]
+    if options.get("info_lines"):
+        meta["Description"] = "\n".join(options["info_lines"])
     meta.update(text or {})
     return encode_png(img, text=meta)
 
 
-def save_map_png(
-    path: str | os.PathLike[str],
-    roles: np.ndarray,
-    layer_ids: Sequence[str],
-    *,
-    groups: Sequence[str] | None = None,
-    title: str = "",
-    info_lines: Sequence[str] = (),
-    cell: int | None = None,
-    row_height: int | None = None,
-    first_step: int = 0,
-    text_scale: int | None = None,
-    max_width: int = MAX_WIDTH,
-    text: Mapping[str, str] | None = None,
-) -> str:
-    """Write the map PNG to `path` (atomically: temp file + rename, so a viewer never sees half a file)."""
-    data = map_png_bytes(
-        roles,
-        layer_ids,
-        groups=groups,
-        title=title,
-        info_lines=info_lines,
-        cell=cell,
-        row_height=row_height,
-        first_step=first_step,
-        text_scale=text_scale,
-        max_width=max_width,
-        text=text,
-    )
+def save_map_png(path: str | os.PathLike[str], roles: np.ndarray, layer_ids: Sequence[str], **options: Any) -> str:
+    """Write the map PNG to `path` (atomically: temp file + rename, so a viewer never sees half a file).
+    Options: those of `map_png_bytes`."""
+    data = map_png_bytes(roles, layer_ids, **options)
     target = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(target))
     os.makedirs(folder, exist_ok=True)

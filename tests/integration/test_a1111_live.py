@@ -9,13 +9,11 @@ server; default the two written by make_random_loras.py), ``KLORA_WEBUI_TIMEOUT`
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import urllib.error
-import urllib.request
 
 import pytest
+from klora_live import LiveServer, klora, png_text
 
 URL = os.environ.get("KLORA_WEBUI_URL", "").rstrip("/")
 CONTENT = os.environ.get("KLORA_CONTENT", "klora_it_content")
@@ -39,30 +37,9 @@ BASE = {
 KLORA = {"enabled": True, "content": CONTENT, "style": STYLE}
 
 
-def _request(path: str, payload: dict | None = None) -> dict:
-    data = json.dumps(payload).encode() if payload is not None else None
-    req = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
-            return json.loads(resp.read().decode())
-    except urllib.error.HTTPError as exc:
-        raise AssertionError(f"{path}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:2000]}") from exc
-
-
-def txt2img(**extra) -> dict:
-    result = _request("/sdapi/v1/txt2img", {**BASE, **extra})
-    result["parsed_info"] = json.loads(result.get("info") or "{}")
-    return result
-
-
-def _klora(args) -> dict:
-    return {"alwayson_scripts": {"K-LoRA": {"args": args}}}
-
-
-def _png_text(b64: str) -> dict:
-    from klora_ext.png import read_png_text
-
-    return read_png_text(base64.b64decode(b64))
+SERVER = LiveServer(URL, TIMEOUT, BASE)
+_request, txt2img = SERVER.request, SERVER.txt2img
+_klora, _png_text = klora, png_text
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -104,22 +81,11 @@ def test_selection_map_returned_when_asked():
     assert _request("/klora/v1/plan/last")["steps"] == BASE["steps"]
 
 
-def _status_of(path: str, payload: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        URL + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
-            return resp.status, json.loads(resp.read().decode())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read().decode() or "{}")
-
-
 def test_invalid_payload_is_refused_with_422_naming_the_field():
-    status, body = _status_of("/sdapi/v1/txt2img", {**BASE, **_klora([{**KLORA, "alpha": "fast"}])})
+    status, body = SERVER.status_of("/sdapi/v1/txt2img", {**BASE, **_klora([{**KLORA, "alpha": "fast"}])})
     assert status == 422
     assert body["detail"].startswith("[K-LoRA] 'alpha' must be a number from 0.0 to 10.0")
-    status, body = _status_of("/sdapi/v1/txt2img", {**BASE, **_klora([{"enabled": True, "content": CONTENT}])})
+    status, body = SERVER.status_of("/sdapi/v1/txt2img", {**BASE, **_klora([{"enabled": True, "content": CONTENT}])})
     assert status == 422 and "only one LoRA chosen" in body["detail"]
 
 
