@@ -219,3 +219,43 @@ def test_scores_on_cuda_match_cpu_when_available() -> None:
     for x, y in zip(cpu.layers, gpu.layers):
         assert x.score_content == pytest.approx(y.score_content, rel=1e-5)
         assert x.score_style == pytest.approx(y.score_style, rel=1e-5)
+
+
+def test_reference_clock_matches_a_per_call_simulation_of_the_authors_code() -> None:
+    """Simulate the reference implementation call by call (written from KLORA_SPEC §3, independently of plan.py):
+    a global counter bumped before every K-LoRA layer call, scale = alpha * (counter % N) / N + beta with
+    N = steps * layers, S_c / gamma vs S_s * scale on raw up@down products, content iff the ratio is > 1."""
+    layers = TINY_ATTN  # the reference only patches attention projections
+    sd_c = synthetic.make_lora_state_dict(layers, 4, seed=31)  # no alpha keys: raw up@down, like the reference
+    sd_s = synthetic.make_lora_state_dict(layers, 2, seed=32, scale=0.8)
+    steps, alpha, beta = 12, 1.5, 0.5
+    products = {}
+    for layer_id, shape in layers:
+        m = synthetic.module_key(layer_id, "kohya", "sd15")
+        pc = (sd_c[f"{m}.lora_up.weight"] @ sd_c[f"{m}.lora_down.weight"]).double().abs().flatten()
+        ps = (sd_s[f"{m}.lora_up.weight"] @ sd_s[f"{m}.lora_down.weight"]).double().abs().flatten()
+        products[layer_id] = (pc, ps)
+    ratios = [float(pc.sum() / ps.sum()) for pc, ps in products.values()]
+    mean = sum(ratios) / len(ratios)
+    kept = [r for r in ratios if r < 3 * mean]
+    g = sum(kept) / len(kept)
+    n_calls = steps * len(layers)
+    counter = 0
+    expected = []
+    for _step in range(steps):
+        row = []
+        for layer_id, _shape in layers:  # forward order
+            counter += 1
+            scale = alpha * (counter % n_calls) / n_calls + beta
+            pc, ps = products[layer_id]
+            k = 4 * 2
+            top_c = float(torch.topk(pc, k).values.sum())
+            top_s = float(torch.topk(ps, k).values.sum())
+            row.append(CONTENT if (top_c / g) / (top_s * scale) > 1 else STYLE)
+        expected.append(row)
+    args = KLoraArgs(clock="reference", scope="attention", gamma_mode="auto-mean")
+    plan = Plan.build(compute_scores(parse_state_dict(sd_c), parse_state_dict(sd_s)), args, steps)
+    assert plan.layer_ids == tuple(lid for lid, _ in layers)
+    assert plan.gamma == pytest.approx(g, rel=1e-6)  # our per-layer sums are fp32
+    assert plan.roles.tolist() == expected
+    assert 0 < (plan.roles == CONTENT).mean() < 1
