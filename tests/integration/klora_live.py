@@ -49,3 +49,43 @@ def klora(args: list) -> dict:
 
 def png_text(b64: str) -> dict:
     return read_png_text(base64.b64decode(b64))
+
+
+# ---- checks shared by the A1111 and Forge tiers ---------------------------------------------------------------------
+def check_invalid_payload_refused(server: LiveServer, good: dict, content: str) -> None:
+    status, body = server.status_of("/sdapi/v1/txt2img", {**server.base, **klora([{**good, "alpha": "fast"}])})
+    assert status == 422
+    assert body["detail"].startswith("[K-LoRA] 'alpha' must be a number from 0.0 to 10.0")
+    payload = {**server.base, **klora([{"enabled": True, "content": content}])}
+    status, body = server.status_of("/sdapi/v1/txt2img", payload)
+    assert status == 422
+    assert "only one LoRA chosen" in body["detail"]
+
+
+def check_unknown_lora_stops(server: LiveServer, good: dict) -> None:
+    # only the host knows its LoRA names: this is judged at generation time, not by the 422 check
+    result = server.txt2img(**klora([{**good, "style": "no_such_lora_xyz"}]))
+    assert result["images"] == []
+    # the info JSON has no comments; the message travels in the infotext params
+    info = result["parsed_info"]
+    assert "no_such_lora_xyz" in info["extra_generation_params"].get("K-LoRA error", "")
+    assert any("K-LoRA error" in text for text in info.get("infotexts", []))
+
+
+def check_api_infotext_restores_k_lora(server: LiveServer, good: dict) -> None:
+    first = server.txt2img(**klora([{**good, "alpha": 2.25, "method": "fixed"}]))
+    text = first["parsed_info"]["infotexts"][0]
+    assert "K-LoRA alpha: 2.25" in text
+    assert "K-LoRA method: fixed" in text
+    # the API's `infotext` field alone: prompt, seed, size and the K-LoRA settings all come from the text
+    again = server.request("/sdapi/v1/txt2img", {"infotext": text})
+    again_text = json.loads(again["info"])["infotexts"][0]
+    assert "K-LoRA alpha: 2.25" in again_text
+    assert "K-LoRA method: fixed" in again_text
+    assert decode(again["images"][0]).tolist() == decode(first["images"][0]).tolist()
+
+
+def decode(b64: str) -> Any:
+    from klora_ext.png import decode_png
+
+    return decode_png(base64.b64decode(b64))

@@ -14,6 +14,7 @@ import base64
 import os
 import random
 
+import klora_live
 import numpy as np
 import pytest
 from klora_live import LiveServer, klora, png_text
@@ -120,21 +121,20 @@ def test_style_in_the_prompt_is_taken_over():
 
 
 def test_invalid_payload_is_refused_with_422_naming_the_field():
-    status, body = SERVER.status_of("/sdapi/v1/txt2img", {**BASE, **_klora([{**KLORA, "alpha": "fast"}])})
-    assert status == 422
-    assert body["detail"].startswith("[K-LoRA] 'alpha' must be a number from 0.0 to 10.0")
-    status, body = SERVER.status_of("/sdapi/v1/txt2img", {**BASE, **_klora([{"enabled": True, "content": CONTENT}])})
-    assert status == 422 and "only one LoRA chosen" in body["detail"]
+    klora_live.check_invalid_payload_refused(SERVER, KLORA, CONTENT)
 
 
 def test_unknown_lora_stops_the_generation_with_the_message():
-    # only the host knows its LoRA names: this one is judged at generation time, not by the 422 check
-    result = txt2img(**_klora([{**KLORA, "style": "no_such_lora_xyz"}]))
-    assert result["images"] == []
-    # the info JSON has no comments; the message travels in the infotext params
-    info = result["parsed_info"]
-    assert "no_such_lora_xyz" in info["extra_generation_params"].get("K-LoRA error", "")
-    assert any("K-LoRA error" in text for text in info.get("infotexts", []))
+    klora_live.check_unknown_lora_stops(SERVER, KLORA)
+
+
+def test_api_infotext_field_restores_the_k_lora_settings():
+    probe = "a photo\nSteps: 1, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64"
+    status, body = SERVER.status_of("/sdapi/v1/txt2img", {"infotext": probe})
+    if status >= 400:
+        # seen on Forge f2.0.1: modules/api/api.py get_field_value calls isinstance() with a list[str] annotation
+        pytest.skip(f"this Forge's API `infotext` field fails even without K-LoRA: HTTP {status} {body}")
+    klora_live.check_api_infotext_restores_k_lora(SERVER, KLORA)
 
 
 def test_xyz_over_alpha_gives_one_image_per_value():
