@@ -70,6 +70,18 @@ class LoraLayer:
                 d = d * self.scale
         return d.to(dtype)
 
+    def low_rank(
+        self, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(up, down) with ``up @ down == delta.reshape(out, -1)`` (scale folded into ``up``), for plain LoRA/LoCon
+        layers; None for forms without such a factorisation (CP ``mid``, LoHa, LoKr, full). Lets hosts apply a
+        delta with one fused ``addmm`` instead of materialising it first."""
+        if self.kind not in ("lora", "locon") or "mid" in self.factors:
+            return None
+        up = _mat(self.factors["up"]).to(device=device, dtype=dtype) * self.scale
+        down = _mat(self.factors["down"]).to(device=device, dtype=dtype)
+        return up, down
+
 
 def _mat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)

@@ -544,3 +544,18 @@ def test_mixed_styles_and_mixed_types() -> None:
 def test_error_is_a_value_error() -> None:
     with pytest.raises(ValueError, match=r"^\[K-LoRA\]"):
         parse_state_dict({"x": _r(1)})
+
+
+def test_low_rank_factors_reproduce_the_delta() -> None:
+    from klora_ext import synthetic
+    from klora_ext.lora_file import parse_state_dict
+
+    layers = synthetic.layer_shapes("tiny", "all")  # linear and conv (LoCon) layers
+    lora = parse_state_dict(synthetic.make_lora_state_dict(layers, 3, alpha=1.5, seed=4, dtype=torch.float16))
+    for layer in lora.layers.values():
+        up, down = layer.low_rank()
+        assert up.shape == (layer.shape[0], layer.rank) and down.shape[0] == layer.rank
+        assert torch.allclose((up @ down).reshape(layer.shape), layer.delta(), rtol=1e-5, atol=1e-6)
+    for kind in ("loha", "lokr"):
+        other = parse_state_dict(synthetic.make_lora_state_dict(layers[:4], 2, kind=kind, seed=5))
+        assert all(layer.low_rank() is None for layer in other.layers.values())

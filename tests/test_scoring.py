@@ -230,7 +230,7 @@ def test_reference_clock_matches_a_per_call_simulation_of_the_authors_code() -> 
     sd_s = synthetic.make_lora_state_dict(layers, 2, seed=32, scale=0.8)
     steps, alpha, beta = 12, 1.5, 0.5
     products = {}
-    for layer_id, shape in layers:
+    for layer_id, _shape in layers:
         m = synthetic.module_key(layer_id, "kohya", "sd15")
         pc = (sd_c[f"{m}.lora_up.weight"] @ sd_c[f"{m}.lora_down.weight"]).double().abs().flatten()
         ps = (sd_s[f"{m}.lora_up.weight"] @ sd_s[f"{m}.lora_down.weight"]).double().abs().flatten()

@@ -637,9 +637,33 @@ class ForgeAdapter(HostAdapter):
             if c_coef == 0 and s_coef == 0:
                 region.copy_(saved)
                 return
+            fused = self._fused(t, c_coef, s_coef, region.device)
+            if fused is not None:
+                # one addmm: saved + [c*up_c, s*up_s] @ [down_c; down_s], no dense delta materialised
+                up, down = fused
+                base = saved.to(device=region.device, dtype=torch.float32).reshape(up.shape[0], -1)
+                region.copy_(torch.addmm(base, up, down).reshape(region.shape))
+                return
             value = saved.to(device=region.device, dtype=torch.float32, copy=True)  # never alias the saved copy
             value += self._dense(t, c_coef, s_coef, region.device).reshape(region.shape)
             region.copy_(value)
+
+    @staticmethod
+    def _fused(
+        t: _Target, c_coef: float, s_coef: float, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        ups, downs = [], []
+        for coef, layer in ((c_coef, t.content), (s_coef, t.style)):
+            if coef == 0 or layer is None:
+                continue
+            factors = layer.low_rank(device=device)
+            if factors is None:
+                return None
+            ups.append(factors[0] * coef)
+            downs.append(factors[1])
+        if not ups:
+            return None
+        return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
 
     @staticmethod
     def _dense(t: _Target, c_coef: float, s_coef: float, device: torch.device) -> torch.Tensor:
