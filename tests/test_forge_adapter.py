@@ -285,7 +285,8 @@ def _quantize(world: World) -> None:
     """One GGUF-like weight, one module Forge streams from CPU, one fp8 weight; refresh the pristine snapshot."""
     module = world.module(GGUF)
     module.weight = FakeGGUF.quantize(module.weight.detach().float())
-    world.module(OFFLOADED).parameters_manual_cast = True
+    offloaded = world.module(OFFLOADED)
+    offloaded.prev_parameters_manual_cast, offloaded.parameters_manual_cast = False, True  # as Forge's low-VRAM swap
     fp8 = world.module(FP8)
     fp8.weight = nn.Parameter(fp8.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
     world.pristine = world.snapshot()
@@ -311,6 +312,21 @@ def test_hook_path_for_quantized_and_offloaded_layers(forge: World, monkeypatch:
     assert max(hooks_seen) >= 1
     assert_equal_state(forge.snapshot(), checker.host_states[-1])
     assert no_hooks(forge)
+
+
+def test_manual_cast_of_a_resident_weight_is_edited_in_place(forge: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storage dtype != computation dtype (e.g. an fp16 checkpoint computed in fp32): Forge casts the resident weight
+    on every forward, so the in-place path applies; only low-VRAM swapped modules need the hook path."""
+    cast = forge.module(UNET[0])
+    cast.parameters_manual_cast = True  # no prev_parameters_manual_cast: not a swapped module
+    adapter = ForgeAdapter()
+    args = default_args()
+    checker = Checker(forge, adapter, args.content_weight, args.style_weight)
+    checker.host_states = watch_prepare(forge, monkeypatch)
+    forge.generate(forge.txt2img(steps=6), [(forge.direct(adapter, args), [])], checker)
+    assert checker.calls[0].modes[UNET[0]] == "A"
+    assert no_hooks(forge)
+    assert_equal_state(forge.snapshot(), checker.host_states[-1])
 
 
 def test_online_content_lora_with_hooks(forge: World, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -347,6 +363,8 @@ def test_flux_fused_qkv_slices(forge: World, offloaded: bool) -> None:
     fused.weight.requires_grad_(False)
     fused.bias.requires_grad_(False)
     fused.parameters_manual_cast = offloaded
+    if offloaded:
+        fused.prev_parameters_manual_cast = False  # Forge's marker of a module it swaps for low VRAM
     blocks = nn.Module()
     blocks.add_module("0", nn.Module())
     getattr(blocks, "0").add_module("img_attn", nn.Module())

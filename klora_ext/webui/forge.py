@@ -805,8 +805,12 @@ def _find_param(
 
 
 def _mode(module: torch.nn.Module, param: torch.Tensor, device: torch.device) -> str:
-    """(A) in place for float weights resident on the compute device; (B) forward hook for everything else."""
-    if getattr(module, "parameters_manual_cast", False) or _is_quantized(param):
+    """(A) in place for float weights resident on the compute device; (B) forward hook for everything else.
+
+    Manual cast alone (storage dtype != computation dtype, e.g. an fp16 checkpoint computed in fp32) keeps (A): Forge
+    casts ``layer.weight`` on every forward, so an in-place edit is seen. Modules Forge swaps for low VRAM carry
+    ``prev_parameters_manual_cast`` (backend/memory_management.py) and their weight lives off the compute device."""
+    if _is_quantized(param) or hasattr(module, "prev_parameters_manual_cast"):
         return "B"
     if param.dtype not in FLOAT_DTYPES or param.device != device:
         return "B"
