@@ -276,10 +276,11 @@ def test_prompt_copy_of_content_lora_is_not_applied_twice(webui, expect):
     handler.emit = lambda record: seen.append(record.getMessage())
     logging.getLogger("K-LoRA").addHandler(handler)
     try:
-        webui.generate(_args(), prompt="a photo <lora:subject:0.5> <lora:other:0.6>", steps=6)
+        _, res = webui.generate(_args(), prompt="a photo <lora:subject:0.5> <lora:other:0.6>", steps=6)
     finally:
         logging.getLogger("K-LoRA").removeHandler(handler)
     assert any("also K-LoRA's content LoRA" in line and "not applied twice" in line for line in seen)
+    assert "[K-LoRA] 'subject" in res.comments and "not applied twice" in res.comments  # shown under the gallery
     args = KLoraArgs(**_args())
     plan = Plan.build(expect.scores(), args, 6)
     _check_pass(webui, expect, webui.records, args, plan, prompt=OTHER)  # no extra 0.5 x content anywhere

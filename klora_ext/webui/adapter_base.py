@@ -52,6 +52,7 @@ class KLoraRun:
     pass_token: Any = None  # identity of the sampler/denoiser of the current pass
     passes: int = 0
     notes: list[str] = field(default_factory=list)  # user-facing notes collected during the run
+    used_plans: list[tuple[str, Any]] = field(default_factory=list)  # (pass kind, plan) per sampling pass
 
     def __post_init__(self) -> None:
         self.controller = PassController(self.session)

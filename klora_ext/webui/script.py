@@ -192,11 +192,6 @@ def on_ui_settings() -> None:
 
 
 # ---- callbacks ------------------------------------------------------------------------------------------------------
-def _used_plans(run: KLoraRun) -> list[tuple[str, Any]]:
-    plans = run.__dict__.setdefault("klora_used_plans", [])
-    return plans
-
-
 def on_cfg_denoiser(params: Any) -> None:
     """Registered once; dispatches every denoiser call to the active adapter (a no-op when nothing is armed)."""
     adapter = STATE.adapter
@@ -216,7 +211,7 @@ def on_cfg_denoiser(params: Any) -> None:
                 owner.extra_generation_params["K-LoRA skipped"] = f"error during sampling: {exc}"
         return
     if run.passes != before and run.controller.plan is not None:
-        _used_plans(run).append((_pass_kind(run.owner), run.controller.plan))
+        run.used_plans.append((_pass_kind(run.owner), run.controller.plan))
 
 
 def _pass_kind(p: Any) -> str:
@@ -391,7 +386,7 @@ class Script(scripts.Script):
         if run is None or run.owner is not p:
             return
         try:
-            plans = _used_plans(run) or ([("first", run.session.first_plan)] if run.session.first_plan else [])
+            plans = run.used_plans or ([("first", run.session.first_plan)] if run.session.first_plan else [])
             if plans:
                 STATE.last_plan = plans[0][1].to_json()
             if run.args.show_map and plans:
@@ -400,6 +395,20 @@ class Script(scripts.Script):
             logger.error("could not draw the selection map (%s)", exc)
         finally:
             adapter.disarm(p)
+        _show_notes(processed, run.notes)
+
+
+def _show_notes(processed: Any, notes: list[str]) -> None:
+    """Put the run's notes (prompt LoRA taken over, layers skipped, ...) under the gallery, not only in the console.
+    The host renders ``processed.comments`` after the scripts' postprocess."""
+    comments = getattr(processed, "comments", None)
+    if not isinstance(comments, str):
+        return
+    for note in dict.fromkeys(notes):
+        line = f"[K-LoRA] {note}"
+        if line not in comments:
+            comments += f"{line}\n"
+    processed.comments = comments
 
 
 def _stop(p: Any, error: KLoraError) -> None:

@@ -14,7 +14,7 @@ import os
 
 import klora_live
 import pytest
-from klora_live import LiveServer, klora, png_text
+from klora_live import LiveServer, base_payload, klora, png_text
 
 URL = os.environ.get("KLORA_WEBUI_URL", "").rstrip("/")
 CONTENT = os.environ.get("KLORA_CONTENT", "klora_it_content")
@@ -23,18 +23,7 @@ TIMEOUT = float(os.environ.get("KLORA_WEBUI_TIMEOUT", "900"))
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not URL, reason="set KLORA_WEBUI_URL to run")]
 
-BASE = {
-    "prompt": "a photo",
-    "negative_prompt": "",
-    "steps": 3,
-    "width": 64,
-    "height": 64,
-    "seed": 1234,
-    "sampler_name": "Euler",
-    "cfg_scale": 5,
-    "batch_size": 1,
-    "n_iter": 1,
-}
+BASE = base_payload(3, 64)
 KLORA = {"enabled": True, "content": CONTENT, "style": STYLE}
 
 

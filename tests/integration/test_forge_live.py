@@ -17,7 +17,7 @@ import random
 import klora_live
 import numpy as np
 import pytest
-from klora_live import LiveServer, klora, png_text
+from klora_live import LiveServer, base_payload, klora, png_text
 
 from klora_ext.png import decode_png
 
@@ -30,18 +30,7 @@ TIMEOUT = float(os.environ.get("KLORA_FORGE_TIMEOUT", "900"))
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not URL, reason="set KLORA_FORGE_URL to run")]
 
-BASE = {
-    "prompt": "a photo",
-    "negative_prompt": "",
-    "steps": STEPS,
-    "width": SIZE,
-    "height": SIZE,
-    "seed": 1234,
-    "sampler_name": "Euler",
-    "cfg_scale": 5,
-    "batch_size": 1,
-    "n_iter": 1,
-}
+BASE = base_payload(STEPS, SIZE)
 KLORA = {"enabled": True, "content": CONTENT, "style": STYLE}
 
 
