@@ -22,6 +22,7 @@ from klora_ext.args import CLOCKS, METHODS, SCHEDULES, SCOPES, KLoraArgs
 from klora_ext.errors import KLoraError
 from klora_ext.lora_file import LoraFile, read_lora
 from klora_ext.plan import Plan
+from klora_ext.reference import REFERENCE_CLOCKS
 from klora_ext.scoring import compute_scores
 
 
@@ -123,6 +124,20 @@ def summarize(content: LoraFile, style: LoraFile, plan: Plan, n_shared: int, out
         f"beta {plan.beta:g}, gamma {plan.gamma:.6g}, steps {plan.steps}",
         file=out,
     )
+    if plan.clock in REFERENCE_CLOCKS:
+        if plan.exact and plan.reference is not None and not plan.reference.notes:
+            what = "the authors' selection, call for call"
+        elif plan.exact:
+            what = "the authors' rule and numbers, on files their code would not read as is (see notes)"
+        else:
+            what = "approximate (not the authors' numbers)"
+        print(
+            f"reference mode: {what}; counter period N = {plan.counter_n} calls, "
+            f"{len(plan.layer_ids)} layer calls per step, counter starts at {plan.counter_start}",
+            file=out,
+        )
+        for note in plan.notes:
+            print(f"  note: {note}", file=out)
     frac = plan.content_fraction()
     print(f"content share: step 0 {frac[0]:.0%}, last step {frac[-1]:.0%}", file=out)
     flips = plan.flip_steps
@@ -165,7 +180,12 @@ def run_plan(ns: argparse.Namespace, content_path: Path, style_path: Path, out: 
     style = read_lora(style_path)
     args = args_from_cli(ns, content.name, style.name)
     scores = compute_scores(
-        content, style, k_multiplier=args.k_multiplier, device=ns.device, progress=ProgressBar("scoring")
+        content,
+        style,
+        k_multiplier=args.k_multiplier,
+        device=ns.device,
+        progress=ProgressBar("scoring"),
+        reference=args.clock in REFERENCE_CLOCKS,
     )
     plan = Plan.build(scores, args, ns.steps, seed=ns.seed)
     summarize(content, style, plan, len(scores.layers), out)

@@ -17,7 +17,7 @@ INFOTEXT_VERSION = "v1"
 
 METHODS = ("k-lora", "fixed", "random", "content-only", "style-only", "merge")
 SCHEDULES = ("linear", "s*")
-CLOCKS = ("step", "reference")
+CLOCKS = ("step", "reference", "reference-literal")  # reference*: the authors' per-call counter (plan.py)
 SCOPES = ("all", "attention")
 GAMMA_MODES = ("auto-mean", "auto-sum", "manual")
 TE_POLICIES = ("both", "content", "style", "none")

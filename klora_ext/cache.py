@@ -20,6 +20,7 @@ from typing import Any
 from klora_ext.errors import KLoraError
 from klora_ext.log import logger
 from klora_ext.lora_file import read_lora, sha256_file
+from klora_ext.reference import ReferenceScores
 from klora_ext.scoring import SCORE_VERSION, LayerScore, PairScores, ProgressFn, compute_scores
 
 CACHE_FORMAT = 1
@@ -28,8 +29,9 @@ DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 MAX_HASHES = 512
 
 
-def pair_key(sha_content: str, sha_style: str, k_multiplier: float) -> str:
-    return f"{sha_content}:{sha_style}:k{float(k_multiplier)!r}:v{SCORE_VERSION}"
+def pair_key(sha_content: str, sha_style: str, k_multiplier: float, reference: bool = False) -> str:
+    ref = ":ref" if reference else ""  # entries with the authors' numbers (reference clocks) are kept apart
+    return f"{sha_content}:{sha_style}:k{float(k_multiplier)!r}:v{SCORE_VERSION}{ref}"
 
 
 # Rows are stored as lists (not dicts) to keep the file small: SDXL pairs have ~1700 shared layers.
@@ -52,6 +54,7 @@ def _pack(scores: PairScores) -> dict[str, Any]:
         "style_only": list(scores.style_only),
         "k_multiplier": scores.k_multiplier,
         "meta": scores.meta,
+        "reference": scores.reference.to_json() if scores.reference is not None else None,
     }
 
 
@@ -62,6 +65,7 @@ def _unpack(data: dict[str, Any]) -> PairScores:
         style_only=tuple(data["style_only"]),
         k_multiplier=float(data["k_multiplier"]),
         meta=dict(data.get("meta", {})),
+        reference=ReferenceScores.from_json(data["reference"]) if data.get("reference") else None,
     )
 
 
@@ -159,10 +163,12 @@ class ScoreCache:
         device: str = "cpu",
         loader: Callable[..., Any] | None = None,
         progress: ProgressFn | None = None,
+        reference: bool = False,
     ) -> tuple[PairScores, bool]:
-        """(scores, from_cache). On a hit no LoRA file is parsed and no delta is computed."""
+        """(scores, from_cache). On a hit no LoRA file is parsed and no delta is computed. ``reference``: also the
+        authors' numbers for the reference clocks (compute_scores(..., reference=True))."""
         sha_content, sha_style = self.file_hash(content_path), self.file_hash(style_path)
-        key = pair_key(sha_content, sha_style, k_multiplier)
+        key = pair_key(sha_content, sha_style, k_multiplier, reference)
         cached = self.get(key)
         if cached is not None:
             return cached, True
@@ -175,6 +181,7 @@ class ScoreCache:
             k_multiplier=k_multiplier,
             device=device,
             progress=progress,
+            reference=reference,
         )
         logger.info("scored %d shared layers in %.2f s", len(scores.layers), time.perf_counter() - started)
         self.put(key, scores)

@@ -8,8 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from klora_ext import reference as ref_mod
 from klora_ext.args import KLoraArgs
 from klora_ext.errors import KLoraError
+from klora_ext.reference import REFERENCE_CLOCKS, ReferenceScores
 from klora_ext.scoring import LayerScore, PairScores, gamma
 
 STYLE, CONTENT, BOTH, NONE = 0, 1, 2, 3
@@ -30,13 +32,21 @@ def scale(progress: np.ndarray, alpha: float, beta: float, schedule: str) -> np.
     return value
 
 
-def reference_scale(steps: int, n_layers: int, alpha: float, beta: float, schedule: str) -> np.ndarray:
+def reference_scale(
+    steps: int, n_layers: int, alpha: float, beta: float, schedule: str, n_total: int | None = None, start: int = 0
+) -> np.ndarray:
     """The reference code's per-call clock: a counter bumped before every K-LoRA layer call,
-    scale = alpha * (counter mod N) / N + beta with N = steps * layers; shape (steps, layers), same float ops."""
-    total = steps * n_layers
-    counter = np.arange(1, total + 1, dtype=np.int64).reshape(steps, n_layers) % total
-    value = alpha * counter.astype(np.float64) / total + beta
-    return np.mod(value, alpha) if schedule == "s*" else value
+    scale = alpha * (counter mod N) / N + beta with N = steps * layers unless given; shape (steps, layers)."""
+    total = n_total or steps * n_layers
+    return np.asarray(ref_mod.counter_scales(steps, n_layers, alpha, beta, schedule, total, start), dtype=np.float64)
+
+
+def switched_ids(scores: PairScores, args: KLoraArgs) -> tuple[str, ...]:
+    """The layers a plan switches: the authors' set (their call order) for a reference clock when the scores carry
+    the reference numbers, else the shared layers in ``args.scope``."""
+    if args.clock in REFERENCE_CLOCKS and scores.reference is not None:
+        return scores.reference.layer_ids
+    return tuple(s.id for s in scores.in_scope(args.scope))
 
 
 def step_progress(steps: int, window: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
@@ -58,6 +68,13 @@ class Plan:
     clock: str = "step"
     scope: str = "all"
     scores: tuple[LayerScore, ...] = ()
+    # Reference clocks: the counter's period N and its value before the first call of this pass; whether the
+    # authors' own numbers (raw scores, their gamma) were used; notes on where their code would differ or stop.
+    counter_n: int = 0
+    counter_start: int = 0
+    exact: bool = False
+    reference: ReferenceScores | None = None
+    notes: tuple[str, ...] = ()
     _changes: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,39 +99,74 @@ class Plan:
         *,
         seed: int = 0,
         window: tuple[float, float] = (0.0, 1.0),
+        counter_start: int = 0,
     ) -> Plan:
+        """``counter_start``: for the ``reference-literal`` clock, the authors' call counter before this pass (their
+        counter is never reset: image i of a run starts at i x steps x layers)."""
         if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
             msg = f"[K-LoRA] steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}"
             raise KLoraError(msg)
-        layers = scores.in_scope(args.scope)
+        reference_clock = args.clock in REFERENCE_CLOCKS
+        ref = scores.reference if reference_clock else None
+        notes: list[str] = []
+        if ref is not None:
+            by_id = scores.by_id()
+            layers = tuple(by_id[i] for i in ref.layer_ids)
+            notes += ref.notes
+            if args.scope != "attention":
+                notes.append("the reference clocks switch the authors' layers; scope is not used")
+            if args.k_multiplier != 1.0:
+                notes.append("the reference clocks use the authors' K = r_c * r_s; the K multiplier is not used")
+        else:
+            layers = scores.in_scope(args.scope)
+            if reference_clock:
+                notes.append(
+                    "approximate: the authors' clock on this project's scores and gamma (the scores carry no "
+                    "reference numbers; compute them with compute_scores(..., reference=True))"
+                )
         if not layers:
             msg = f"[K-LoRA] the two LoRAs share no layer in scope '{args.scope}'" + (
                 " (try scope 'all')" if args.scope == "attention" else ""
             )
             raise KLoraError(msg)
-        g = gamma(layers, args.gamma_mode, args.gamma)
         n = len(layers)
-        sc = np.array([s.score_content for s in layers], dtype=np.float64)
-        ss = np.array([s.score_style for s in layers], dtype=np.float64)
-        if args.method == "fixed":
-            # Scores ignored: the K-LoRA rule with the score ratio fixed at 1 (content while S(p) <= 1).
-            sc, ss, g = np.ones(n), np.ones(n), 1.0
-        if args.method in ("k-lora", "fixed"):
-            if args.clock == "reference":
-                s = reference_scale(steps, n, args.alpha, args.beta, args.schedule)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    # Same operations as the reference: (S_c / gamma) / (S_s * scale) > 1, ties go to style.
-                    content = ((sc / g)[None, :] / (ss[None, :] * s)) > 1
+        counter_n, start = 0, 0
+        if reference_clock:
+            if args.clock == "reference-literal":
+                arch = ref.arch if ref is not None else ("flux" if layers[0].id.startswith("flux:") else "sd")
+                counter_n, start = ref_mod.literal_n(arch), int(counter_start)
             else:
-                s = scale(step_progress(steps, window), args.alpha, args.beta, args.schedule)
-                content = sc[None, :] >= g * s[:, None] * ss[None, :]
+                counter_n = steps * n
+        exact = False
+        if args.method == "k-lora" and ref is not None:
+            g = gamma(layers, args.gamma_mode, args.gamma, reference=ref)
+            s = ref_mod.counter_scales(steps, n, args.alpha, args.beta, args.schedule, counter_n, start)
+            content = ref_mod.decide(ref.top_content, ref.top_style, ref.dtype_content, ref.dtype_style, g, s)
             roles = np.where(content, CONTENT, STYLE)
-        elif args.method == "random":
-            rng = np.random.default_rng(seed)
-            roles = np.where(rng.random((steps, n)) < RANDOM_P_CONTENT, CONTENT, STYLE)
+            exact = True
         else:
-            fill = {"content-only": CONTENT, "style-only": STYLE, "merge": BOTH}[args.method]
-            roles = np.full((steps, n), fill)
+            g = gamma(layers, args.gamma_mode, args.gamma)
+            sc = np.array([s.score_content for s in layers], dtype=np.float64)
+            ss = np.array([s.score_style for s in layers], dtype=np.float64)
+            if args.method == "fixed":
+                # Scores ignored: the K-LoRA rule with the score ratio fixed at 1 (content while S(p) <= 1).
+                sc, ss, g = np.ones(n), np.ones(n), 1.0
+            if args.method in ("k-lora", "fixed"):
+                if reference_clock:
+                    s = reference_scale(steps, n, args.alpha, args.beta, args.schedule, counter_n, start)
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        # The reference's operations: (S_c / gamma) / (S_s * scale) > 1, ties go to style.
+                        content = ((sc / g)[None, :] / (ss[None, :] * s)) > 1
+                else:
+                    s = scale(step_progress(steps, window), args.alpha, args.beta, args.schedule)
+                    content = sc[None, :] >= g * s[:, None] * ss[None, :]
+                roles = np.where(content, CONTENT, STYLE)
+            elif args.method == "random":
+                rng = np.random.default_rng(seed)
+                roles = np.where(rng.random((steps, n)) < RANDOM_P_CONTENT, CONTENT, STYLE)
+            else:
+                fill = {"content-only": CONTENT, "style-only": STYLE, "merge": BOTH}[args.method]
+                roles = np.full((steps, n), fill)
         return cls(
             layer_ids=tuple(s.id for s in layers),
             roles=roles,
@@ -126,6 +178,11 @@ class Plan:
             clock=args.clock,
             scope=args.scope,
             scores=tuple(layers),
+            counter_n=counter_n,
+            counter_start=start,
+            exact=exact,
+            reference=ref,
+            notes=tuple(notes),
         )
 
     def held(self, steps: int, row: int = -1) -> Plan:
@@ -135,6 +192,7 @@ class Plan:
 
     def _fields(self) -> dict[str, Any]:
         names = ("layer_ids", "gamma", "alpha", "beta", "method", "schedule", "clock", "scope", "scores")
+        names += ("counter_n", "counter_start", "exact", "reference", "notes")
         return {name: getattr(self, name) for name in names}
 
     # ---- queries ------------------------------------------------------------------------------------------------
@@ -182,17 +240,28 @@ class Plan:
         """KLORA_SPEC Sec. 6 format (plus method/schedule/clock/scope)."""
         flips = self.flip_steps
         by_id = {s.id: s for s in self.scores}
+        ref = self.reference
+        raw = {i: (c, s) for i, c, s in zip(ref.layer_ids, ref.top_content, ref.top_style)} if ref else {}
         layers = []
         for i, layer_id in enumerate(self.layer_ids):
             s = by_id.get(layer_id)
-            layers.append(
-                {
-                    "id": layer_id,
-                    "score_content": s.score_content if s else None,
-                    "score_style": s.score_style if s else None,
-                    "flip_step": flips[i] if flips is not None else None,
-                }
-            )
+            entry = {
+                "id": layer_id,
+                "score_content": s.score_content if s else None,
+                "score_style": s.score_style if s else None,
+                "flip_step": flips[i] if flips is not None else None,
+            }
+            if layer_id in raw:
+                entry["raw_content"], entry["raw_style"] = raw[layer_id]
+            layers.append(entry)
+        extra: dict[str, Any] = {}
+        if self.clock in REFERENCE_CLOCKS:
+            extra["reference"] = {
+                "exact": self.exact,
+                "counter_n": self.counter_n,
+                "counter_start": self.counter_start,
+                "notes": list(self.notes),
+            }
         return {
             "version": 1,
             "steps": self.steps,
@@ -206,6 +275,7 @@ class Plan:
             "monotone": self.is_monotone,
             "layers": layers,
             "map": self.roles.tolist(),
+            **extra,
         }
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from klora_ext import keys
 from klora_ext.args import KLoraArgs
-from klora_ext.plan import BOTH, CONTENT, NONE, STYLE, Plan
+from klora_ext.plan import BOTH, CONTENT, NONE, STYLE, Plan, switched_ids
 from klora_ext.scoring import PairScores
 
 Change = tuple[str, int]
@@ -69,7 +69,7 @@ class Session:
         }
 
     def plan_layer_ids(self) -> tuple[str, ...]:
-        return tuple(s.id for s in self.scores.in_scope(self.args.scope))
+        return switched_ids(self.scores, self.args)
 
     def plan_for_pass(self, steps: int, *, kind: str = "first", denoise: float | None = None) -> Plan:
         """kind: "first" (txt2img), "img2img" (first pass from an init image) or "hires" (a later pass)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,6 +14,7 @@ from klora_ext.errors import KLoraError
 
 if TYPE_CHECKING:
     from klora_ext.lora_file import LoraFile
+    from klora_ext.reference import ReferenceScores
 
 # Bump when the numbers a cache entry holds would change for the same files.
 SCORE_VERSION = 1
@@ -40,6 +41,8 @@ class PairScores:
     style_only: tuple[str, ...] = ()
     k_multiplier: float = 1.0
     meta: dict[str, Any] = field(default_factory=dict)
+    # The authors' numbers for the reference clocks (compute_scores(..., reference=True)); None otherwise.
+    reference: ReferenceScores | None = None
 
     def by_id(self) -> dict[str, LayerScore]:
         return {s.id: s for s in self.layers}
@@ -59,6 +62,7 @@ class PairScores:
             "content_only": list(self.content_only),
             "style_only": list(self.style_only),
             "meta": self.meta,
+            "reference": self.reference.to_json() if self.reference is not None else None,
         }
 
     @classmethod
@@ -69,7 +73,16 @@ class PairScores:
             style_only=tuple(data.get("style_only", ())),
             k_multiplier=float(data.get("k_multiplier", 1.0)),
             meta=dict(data.get("meta", {})),
+            reference=_reference_from_json(data.get("reference")),
         )
+
+
+def _reference_from_json(data: dict[str, Any] | None) -> ReferenceScores | None:
+    if not data:
+        return None
+    from klora_ext.reference import ReferenceScores
+
+    return ReferenceScores.from_json(data)
 
 
 def top_k(rank_content: int, rank_style: int, numel: int, k_multiplier: float = 1.0) -> int:
@@ -107,8 +120,10 @@ def compute_scores(
     k_multiplier: float = 1.0,
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
+    reference: bool = False,
 ) -> PairScores:
-    """Score every layer both files patch. One layer's dense deltas exist at a time (bounded memory); fp32 math."""
+    """Score every layer both files patch. One layer's dense deltas exist at a time (bounded memory); fp32 math.
+    ``reference``: also compute the authors' numbers for the reference clocks (PairScores.reference)."""
     shared = sorted(set(content.layers) & set(style.layers), key=keys.forward_order_key)
     if not shared:
         msg = (
@@ -137,13 +152,18 @@ def compute_scores(
         progress(len(shared), len(shared), "")
     _check_not_all_zero(content, [s.sum_abs_content for s in scores])
     _check_not_all_zero(style, [s.sum_abs_style for s in scores])
-    return PairScores(
+    pair = PairScores(
         layers=tuple(scores),
         content_only=tuple(sorted(set(content.layers) - set(style.layers), key=keys.forward_order_key)),
         style_only=tuple(sorted(set(style.layers) - set(content.layers), key=keys.forward_order_key)),
         k_multiplier=k_multiplier,
         meta={"content": content.name, "style": style.name},
     )
+    if reference:
+        from klora_ext.reference import reference_scores
+
+        pair = replace(pair, reference=reference_scores(content, style))
+    return pair
 
 
 def _checked_score(lora: LoraFile, layer_id: str, k: int, device: str | torch.device) -> tuple[float, float]:
@@ -161,16 +181,21 @@ def _check_not_all_zero(lora: LoraFile, sums: Iterable[float]) -> None:
         raise KLoraError(msg)
 
 
-def gamma(layers: Iterable[LayerScore], mode: str, manual: float | None = None) -> float:
+def gamma(
+    layers: Iterable[LayerScore], mode: str, manual: float | None = None, reference: ReferenceScores | None = None
+) -> float:
     """Balance between LoRAs of different origin.
 
     * ``auto-sum`` (paper Eq. 9): sum over layers of sum|dW_c| divided by the same for style.
-    * ``auto-mean`` (reference code): mean of the per-layer ratios, then the mean again without the ratios that are
-      at least 3x the first mean (outliers).
+    * ``auto-mean`` (the code's rule): mean of the per-layer ratios, then the mean again without the ratios that are
+      at least 3x the first mean (outliers). Default mode: over ``layers`` (the layers in scope), leaving out layers
+      where either delta is all zero. With ``reference`` (the reference clocks): the authors' own number, over every
+      (down, up) key pair of both files (FF and text encoder included, a zero content pair counting as 0).
     * ``manual``: the user's number.
-    Layers where either delta is all zero carry no ratio and are left out.
     """
     layers = list(layers)
+    if mode == "auto-mean" and reference is not None:
+        return reference.require_gamma()
     if mode == "manual":
         if manual is None or not manual > 0:
             msg = f"[K-LoRA] manual gamma must be > 0, got {manual!r}"

@@ -10,6 +10,7 @@ from typing import Any
 from klora_ext.args import KLoraArgs
 from klora_ext.cache import ScoreCache
 from klora_ext.errors import KLoraError
+from klora_ext.reference import REFERENCE_CLOCKS
 from klora_ext.runtime import Session
 from klora_ext.webui.adapter_base import HostAdapter, KLoraRun
 
@@ -59,6 +60,7 @@ def prepare_run(
         k_multiplier=args.k_multiplier,
         device=adapter.score_device(),
         progress=progress,
+        reference=args.clock in REFERENCE_CLOCKS,
     )
     session = Session(args, scores, seed=seed)
     # Build the first pass's plan now: errors (e.g. nothing in scope) must surface here, not inside a callback.
