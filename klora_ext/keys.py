@@ -1,25 +1,31 @@
 """Key-style detection and layer-id normalization.
 
-A layer id is ``"<component>:<dotted module path>"``; component is one of ``unet``, ``te1``, ``te2``, ``flux``,
-``other``. UNet ids use the compvis/LDM module path (the layout of A1111's ``model.diffusion_model`` and Forge's
-``diffusion_model``); text-encoder ids use the HF CLIP module path; Flux ids keep the path found in the file.
+A layer id is ``"<component>:<dotted module path>"``; component is one of ``unet``, ``te1``, ``te2``, ``t5``,
+``flux``, ``other``. UNet ids use the compvis/LDM module path (the layout of A1111's ``model.diffusion_model`` and
+Forge's ``diffusion_model``); text-encoder ids use the HF CLIP / HF T5 module path; Flux ids use BFL module paths (the
+layout of Forge's Flux ``diffusion_model``), and the fused weights (``img_attn.qkv``, ``txt_attn.qkv``, ``linear1``)
+are split into row slices named ``[q]``, ``[k]``, ``[v]``, ``[mlp]`` (``flux:double_blocks.0.img_attn.qkv[q]``), so
+kohya/BFL files (fused) and diffusers files (split ``to_q``/``proj_mlp``) of the same weights give the same ids.
 
 Supported key styles (module part; the LoRA suffix is split off by :func:`split_key`):
 
 * kohya: ``lora_unet_<underscored>`` (SD1.5: diffusers block names; SDXL: compvis names; Flux: BFL names),
-  ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` (HF CLIP paths), ``lora_transformer_`` (diffusers Flux names).
-* diffusers / PEFT: ``unet.<diffusers path>`` (or without ``unet.``), ``text_encoder.`` / ``text_encoder_2.``,
-  ``transformer.`` (Flux), with an optional PEFT ``base_model.model.`` wrapper; the old attention-processor
-  form ``...attn1.processor.to_q_lora.down.weight``.
-* compvis dotted: ``diffusion_model.<path>`` / ``model.diffusion_model.<path>``.
+  ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` (HF CLIP paths, or HF T5 paths for OneTrainer Flux),
+  ``lora_te3_`` (T5), ``lora_transformer_`` (OneTrainer: diffusers Flux names), ``lycoris_`` (SimpleTuner).
+* diffusers / PEFT: ``unet.<diffusers path>`` (or without ``unet.``; the authors' trainer writes ``unet.unet.``),
+  ``text_encoder.`` / ``text_encoder_2.``, ``transformer.`` (Flux, diffusers or BFL names), with an optional PEFT
+  ``base_model.model.`` wrapper; the old attention-processor form ``...attn1.processor.to_q_lora.down.weight``.
+* compvis / BFL dotted: ``diffusion_model.<path>`` / ``model.diffusion_model.<path>``; ComfyUI text encoders
+  ``text_encoders.clip_l|clip_g|t5xxl.transformer.<path>``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
-COMPONENTS = ("te1", "te2", "unet", "flux", "other")
+COMPONENTS = ("te1", "te2", "t5", "unet", "flux", "other")
 ARCHES = ("sd15", "sdxl", "flux", "unknown")
 
 # Multi-word module names (they contain "_"), needed to turn kohya's flattened names back into dotted paths.
@@ -109,6 +115,10 @@ _VOCAB = frozenset(
         "timestep_embedder",
         "guidance_embedder",
         "text_embedder",
+        "query_norm",
+        "key_norm",
+        "norm_added_q",
+        "norm_added_k",
     }
 )
 _VOCAB_MAX_WORDS = max(len(v.split("_")) for v in _VOCAB)
@@ -196,32 +206,37 @@ PARTS: dict[str, str] = {
     "lokr_w2_b": "lokr_w2_b",
     "lokr_t2": "lokr_t2",
     "diff": "diff",
+    "diff_b": "diff_b",  # bias delta (LyCORIS full / Forge "diff" on <module>.bias)
+    "dora_scale": "dora_scale",  # DoRA magnitude (LyCORIS / kohya; what both hosts read)
+    "lora_magnitude_vector": "magnitude",  # DoRA magnitude, PEFT naming (no host reads it)
+    "lora_magnitude_vector.weight": "magnitude",
+    "a1.weight": "glora_a1",
+    "a2.weight": "glora_a2",
+    "b1.weight": "glora_b1",
+    "b2.weight": "glora_b2",
+    "w_norm": "w_norm",
+    "b_norm": "b_norm",
+    "on_input": "ia3_on_input",
 }
-# Parts we recognise but do not model (bias deltas, DoRA, IA3, OFT, GLoRA, norm): reported as unknown keys.
+# (IA)3's vector is stored under the bare ``.weight`` suffix: only read that for kohya-style module names, where it
+# cannot be the weight of a full checkpoint.
+_KOHYA_ONLY_PARTS = {"weight": "ia3_w"}
+# Parts we recognise but do not model: reported as unknown keys, naming the format.
 UNSUPPORTED_PARTS: frozenset[str] = frozenset(
     {
-        "diff_b",
-        "dora_scale",
-        "lora_magnitude_vector",
-        "lora_magnitude_vector.weight",
         "bias_indices",
         "bias_values",
         "bias_size",
-        "on_input",
-        "w_norm",
-        "b_norm",
         "oft_blocks",
         "oft_diag",
-        "a1.weight",
-        "a2.weight",
-        "b1.weight",
-        "b2.weight",
+        "alpha_oft",
         "lora_embedding_A",
         "lora_embedding_B",
         "lora_A.bias",
         "lora_B.bias",
         "lora_up.bias",
         "lora_down.bias",
+        "set_weight",
     }
 )
 _SUFFIXES = sorted(set(PARTS) | UNSUPPORTED_PARTS, key=len, reverse=True)
@@ -231,21 +246,24 @@ _PEFT_NAMED = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.[A-Za-z0-9_]+\.we
 _PROCESSOR = re.compile(
     r"^(?P<module>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<ud>down|up)\.weight$"
 )
-_KOHYA_PREFIX = re.compile(r"^lora_(unet|te\d?|transformer)_")
+_KOHYA_PREFIX = re.compile(r"^(?:lora_(unet|te\d?|transformer)|(lycoris))_")
 _TE_PROC = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
 def split_key(key: str) -> tuple[str, str] | None:
     """Split a state-dict key into (module key, part).
 
-    The part is canonical for supported parts ("down", "up", "mid", "alpha", "hada_w1_a", "lokr_w1", "diff", ...)
-    and the suffix as found for recognised-but-unsupported parts (see ``UNSUPPORTED_PARTS``). None: not a LoRA key.
+    The part is canonical for supported parts ("down", "up", "mid", "alpha", "hada_w1_a", "lokr_w1", "diff",
+    "dora_scale", "glora_a1", "ia3_w", ...) and the suffix as found for recognised-but-unsupported parts (see
+    ``UNSUPPORTED_PARTS``). None: not a LoRA key.
     """
     if _KOHYA_PREFIX.match(key) and "." in key:
         # kohya: the module name has no dots, everything after the first dot is the part.
         module, part = key.split(".", 1)
         if part in PARTS:
             return module, PARTS[part]
+        if part in _KOHYA_ONLY_PARTS:
+            return module, _KOHYA_ONLY_PARTS[part]
         if part in UNSUPPORTED_PARTS:
             return module, part
         m = re.match(r"^lora_([AB])\.[A-Za-z0-9_]+\.weight$", part)
@@ -411,66 +429,230 @@ def _unet_id(path: str, arch: str | None) -> str | None:
     return None
 
 
-def _flux_id(path: str) -> str | None:
-    root = path.split(".", 1)[0]
-    if root in _BFL_FLUX_ROOTS or root in _DIFFUSERS_FLUX_ROOTS:
-        return f"flux:{path}"
+# ---- Flux: BFL module paths (Forge's Flux model), fused weights split into row slices ----------------------------
+
+# Fused BFL weights and the named row slices they are split into (rows from h = in_features of the weight).
+_FUSED_QKV = ("q", "k", "v")
+_FUSED_LINEAR1 = ("q", "k", "v", "mlp")
+SLICE_PARTS = _FUSED_LINEAR1
+_SLICE = re.compile(r"^(?P<base>.+)\[(?P<part>q|k|v|mlp)\]$")
+
+# diffusers Flux block child -> (BFL child, slice part) (Forge: comfyui_lora_collection/utils.py flux_to_diffusers).
+_FLUX_DOUBLE = {
+    "attn.to_q": ("img_attn.qkv", "q"),
+    "attn.to_k": ("img_attn.qkv", "k"),
+    "attn.to_v": ("img_attn.qkv", "v"),
+    "attn.add_q_proj": ("txt_attn.qkv", "q"),
+    "attn.add_k_proj": ("txt_attn.qkv", "k"),
+    "attn.add_v_proj": ("txt_attn.qkv", "v"),
+    "attn.to_out.0": ("img_attn.proj", None),
+    "attn.to_add_out": ("txt_attn.proj", None),
+    "norm1.linear": ("img_mod.lin", None),
+    "norm1_context.linear": ("txt_mod.lin", None),
+    "ff.net.0.proj": ("img_mlp.0", None),
+    "ff.net.2": ("img_mlp.2", None),
+    "ff_context.net.0.proj": ("txt_mlp.0", None),
+    "ff_context.net.2": ("txt_mlp.2", None),
+}
+_FLUX_SINGLE = {
+    "attn.to_q": ("linear1", "q"),
+    "attn.to_k": ("linear1", "k"),
+    "attn.to_v": ("linear1", "v"),
+    "proj_mlp": ("linear1", "mlp"),
+    "proj_out": ("linear2", None),
+    "norm.linear": ("modulation.lin", None),
+}
+_FLUX_GLOBAL = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",  # shift/scale halves swapped (diffusers vs BFL order)
+}
+_SWAPPED = frozenset({"final_layer.adaLN_modulation.1"})
+_BFL_TO_DIFFUSERS_DOUBLE = {v: k for k, v in _FLUX_DOUBLE.items()}
+_BFL_TO_DIFFUSERS_SINGLE = {v: k for k, v in _FLUX_SINGLE.items()}
+_BFL_TO_DIFFUSERS_GLOBAL = {v: k for k, v in _FLUX_GLOBAL.items()}
+
+
+def fused_parts(bfl_path: str) -> tuple[str, ...] | None:
+    """The slices a fused BFL Flux weight is split into: q/k/v for ``*_attn.qkv``, q/k/v/mlp for ``linear1``."""
+    t = bfl_path.split(".")
+    if len(t) == 4 and t[0] == "double_blocks" and t[2] in ("img_attn", "txt_attn") and t[3] == "qkv":
+        return _FUSED_QKV
+    if len(t) == 3 and t[0] == "single_blocks" and t[2] == "linear1":
+        return _FUSED_LINEAR1
     return None
 
 
+def slice_rows(part: str, hidden: int, rows: int) -> tuple[int, int]:
+    """Rows [start, stop) of slice ``part`` in a fused weight with ``rows`` rows and in_features ``hidden``."""
+    if part == "mlp":
+        return 3 * hidden, rows
+    i = _FUSED_QKV.index(part)
+    return i * hidden, (i + 1) * hidden
+
+
+def fused_split_ok(bfl_path: str, rows: int, hidden: int) -> bool:
+    """Whether a fused weight of this shape splits into its slices (qkv: 3h rows; linear1: more than 3h rows)."""
+    parts = fused_parts(bfl_path)
+    if parts is None or hidden <= 0:
+        return False
+    return rows == 3 * hidden if parts == _FUSED_QKV else rows > 3 * hidden
+
+
+def split_slice(layer_id: str) -> tuple[str, str | None]:
+    """``"flux:single_blocks.0.linear1[mlp]"`` -> ``("flux:single_blocks.0.linear1", "mlp")``; (id, None) otherwise."""
+    m = _SLICE.match(layer_id)
+    return (m.group("base"), m.group("part")) if m else (layer_id, None)
+
+
+def _flux_bfl(path: str) -> tuple[str, str | None] | None:
+    """A Flux module path in BFL or diffusers naming -> (BFL path, slice part); None if unknown."""
+    t = path.split(".")
+    root = t[0]
+    if root in _BFL_FLUX_ROOTS:
+        return path, None
+    if root in ("transformer_blocks", "single_transformer_blocks") and len(t) >= 3 and _is_int(t[1]):
+        table = _FLUX_DOUBLE if root == "transformer_blocks" else _FLUX_SINGLE
+        hit = table.get(".".join(t[2:]))
+        if hit is None:
+            return None
+        prefix = "double_blocks" if root == "transformer_blocks" else "single_blocks"
+        return f"{prefix}.{t[1]}.{hit[0]}", hit[1]
+    bfl = _FLUX_GLOBAL.get(path)
+    return (bfl, None) if bfl else None
+
+
+def flux_needs_swap(layer_id: str) -> bool:
+    """True for the Flux layer whose diffusers delta has its two row halves in the other order (norm_out.linear)."""
+    component, path = layer_id_parts(layer_id)
+    return component == "flux" and path in _SWAPPED
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a file's module key lands: the layer id, plus how the file's delta maps onto it."""
+
+    id: str  # normalized layer id (slices of fused Flux weights end in [q]/[k]/[v]/[mlp])
+    style: str  # key style: kohya, lycoris, diffusers, diffusers-processor, peft, authors, compvis, bfl, comfy, bare
+    swap_halves: bool = False  # delta rows' halves swapped (diffusers norm_out.linear -> BFL adaLN_modulation.1)
+
+
+def _flux_target(path: str, style: str) -> Target | None:
+    hit = _flux_bfl(path)
+    if hit is None:
+        return None
+    bfl, part = hit
+    swap = path.split(".", 1)[0] not in _BFL_FLUX_ROOTS and bfl in _SWAPPED
+    return Target(f"flux:{bfl}[{part}]" if part else f"flux:{bfl}", style, swap)
+
+
+def _flux_id(path: str) -> str | None:
+    t = _flux_target(path, "")
+    return t.id if t else None
+
+
 def _te_id(component: str, path: str) -> str | None:
-    # HF CLIP modules live under text_model.; T5 (Flux/SD3 "te2") under encoder./shared.
-    if path.startswith(("text_model.", "encoder.", "shared", "text_projection")):
+    # HF CLIP modules live under text_model.; T5 under encoder./shared (any kohya te prefix: sd-scripts uses
+    # lora_te3_, OneTrainer Flux lora_te2_): T5 is its own component, never switched.
+    if path.startswith(("encoder.", "shared")):
+        return f"t5:{path}"
+    if path.startswith(("text_model.", "text_projection")):
         return f"{component}:{path}"
     return None
 
 
-def normalize_key(module_key: str, arch_hint: str | None = None) -> str | None:
-    """The module part of a key (no ``.lora_down.weight`` etc.) in any supported style -> layer id.
+_COMFY_TE = (("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.clip_g.transformer.", "te2"))
 
-    Returns ``"other:<module_key>"`` when the style is recognised but the module path is not (so the layer is kept
-    and reported), and None when the key is in no known style at all.
+
+def resolve_key(module_key: str, arch_hint: str | None = None) -> Target | None:
+    """The module part of a key (no ``.lora_down.weight`` etc.) in any supported style -> :class:`Target`.
+
+    The id is ``"other:<module_key>"`` when the style is recognised but the module path is not (so the layer is kept
+    and reported); None when the key is in no known style at all.
     """
     k = module_key
-    if k.startswith("base_model.model."):  # PEFT wrapper
+    wrapped = k.startswith("base_model.model.")  # PEFT wrapper
+    if wrapped:
         k = k[len("base_model.model.") :]
-    if k.startswith("lora_"):
+    other = f"other:{module_key}"
+    if k.startswith(("lora_", "lycoris_")):
         m = _KOHYA_PREFIX.match(k)
         if not m:
             return None
-        kind, rest = m.group(1), k[m.end() :]
+        kind, rest = m.group(1) or m.group(2), k[m.end() :]
         path = unflatten(rest)
-        if kind == "unet":
-            is_flux = arch_hint == "flux" or path.split(".", 1)[0] in _BFL_FLUX_ROOTS
-            ident = _flux_id(path) if is_flux else _unet_id(path, arch_hint)
+        style = "lycoris" if kind == "lycoris" else "kohya"
+        target: Target | None
+        if kind in ("unet", "lycoris"):
+            # UNet and Flux roots never overlap (SimpleTuner's lycoris_ uses diffusers names for both).
+            root = path.split(".", 1)[0]
+            if arch_hint == "flux" or root in _BFL_FLUX_ROOTS or root in _DIFFUSERS_FLUX_ROOTS:
+                target = _flux_target(path, style)
+            else:
+                unet = _unet_id(path, arch_hint)
+                target = Target(unet, style) if unet else None
         elif kind == "transformer":
-            ident = _flux_id(path)
-        elif kind in ("te", "te1"):
-            ident = _te_id("te1", path)
-        elif kind == "te2":
-            ident = _te_id("te2", path)
-        else:  # lora_te3_ (SD3's T5) and beyond: no component of ours
-            ident = None
-        return ident or f"other:{module_key}"
-    for prefix, component in (("text_encoder_2.", "te2"), ("text_encoder.", "te1")):
+            target = _flux_target(path, style)
+        else:
+            component = {"te": "te1", "te1": "te1", "te2": "te2"}.get(kind)
+            te = _te_id(component, path) if component else None
+            if te is None and path.startswith(("encoder.", "shared")):
+                te = f"t5:{path}"  # lora_te3_ (sd-scripts' T5) and beyond
+            target = Target(te, style) if te else None
+        return target or Target(other, style)
+    for prefix, component in (("text_encoder_2.", "te2"), ("text_encoder.", "te1"), *_COMFY_TE):
         if k.startswith(prefix):
-            return _te_id(component, k[len(prefix) :]) or f"other:{module_key}"
+            te = _te_id(component, k[len(prefix) :])
+            return Target(te or other, "comfy" if prefix.startswith("text_encoders.") else "diffusers")
+    if k.startswith("text_encoders.t5xxl.transformer."):
+        return Target(f"t5:{k[len('text_encoders.t5xxl.transformer.') :]}", "comfy")
     if k.startswith("unet."):
-        return _unet_id(k[len("unet.") :], arch_hint) or f"other:{module_key}"
+        style = "peft" if wrapped else "diffusers"
+        while k.startswith("unet.unet."):  # the authors' diffusers-0.24 trainer
+            k = k[len("unet.") :]
+            style = "authors"
+        unet = _unet_id(k[len("unet.") :], arch_hint)
+        return Target(unet or other, style)
     if k.startswith("transformer."):
-        return _flux_id(k[len("transformer.") :]) or f"other:{module_key}"
+        return _flux_target(k[len("transformer.") :], "peft" if wrapped else "diffusers") or Target(other, "diffusers")
     for prefix in ("model.diffusion_model.", "diffusion_model."):
         if k.startswith(prefix):
-            return _unet_id(k[len(prefix) :], arch_hint) or f"other:{module_key}"
+            path = k[len(prefix) :]
+            if path.split(".", 1)[0] in _BFL_FLUX_ROOTS:
+                return _flux_target(path, "bfl") or Target(other, "bfl")
+            unet = _unet_id(path, arch_hint)
+            return Target(unet or other, "compvis")
     # Bare dotted paths (PEFT without a component prefix).
+    style = "peft" if wrapped else "bare"
     root = k.split(".", 1)[0]
     if root in _COMPVIS_ROOTS or root in _DIFFUSERS_ROOTS:
-        return _unet_id(k, arch_hint) or f"other:{module_key}"
+        return Target(_unet_id(k, arch_hint) or other, style)
     if root == "text_model":
-        return f"te1:{k}"
+        return Target(f"te1:{k}", style)
     if root in _BFL_FLUX_ROOTS or root in ("transformer_blocks", "single_transformer_blocks"):
-        return _flux_id(k)
+        return _flux_target(k, style)
     return None
+
+
+def normalize_key(module_key: str, arch_hint: str | None = None) -> str | None:
+    """The module part of a key in any supported style -> layer id (see :func:`resolve_key`)."""
+    target = resolve_key(module_key, arch_hint)
+    return target.id if target else None
+
+
+TEXT_ENCODERS = ("te1", "te2", "t5")
+
+
+def is_text_encoder(layer_id: str) -> bool:
+    """True for CLIP (te1, te2) and T5 (t5) layers: patched by the LoRA, never switched by K-LoRA."""
+    return layer_id.startswith(("te1:", "te2:", "t5:"))
 
 
 def layer_id_parts(layer_id: str) -> tuple[str, str]:
@@ -493,7 +675,7 @@ _SD15_ONLY = re.compile(
 _SDXL_ONLY = re.compile(r"^lora_te2_|^text_encoder_2\.|add_embedding|label_emb")
 _FLUX = re.compile(
     r"double_blocks|single_blocks|single_transformer_blocks|^transformer\.|^lora_transformer_"
-    r"|^base_model\.model\.transformer_blocks"
+    r"|^base_model\.model\.transformer_blocks|^(lycoris_)?transformer_blocks[._]"
 )
 
 
@@ -540,7 +722,7 @@ def detect_arch(keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]] | Non
 # Ordering, classification, labels
 # ---------------------------------------------------------------------------------------------------------------
 
-_COMPONENT_RANK = {"te1": 0, "te2": 1, "unet": 2, "flux": 3, "other": 4}
+_COMPONENT_RANK = {"te1": 0, "te2": 1, "t5": 2, "unet": 3, "flux": 4, "other": 5}
 # Forward-execution order of sibling module names (only siblings are ever compared).
 _UNET_ORDER = (
     "time_embed",
@@ -603,65 +785,75 @@ _TE_ORDER = (
     "wi_1",
     "wo",
 )
+# Flux (BFL names), checked against Forge's backend/nn/flux.py forward: model level, then inside a double block the
+# execution order img_mod, img qkv, txt_mod, txt qkv, (attention), img proj, img mlp, txt proj, txt mlp.
 _FLUX_ORDER = (
     "img_in",
-    "x_embedder",
-    "txt_in",
-    "context_embedder",
     "time_in",
-    "time_text_embed",
-    "vector_in",
     "guidance_in",
+    "vector_in",
+    "txt_in",
     "double_blocks",
-    "transformer_blocks",
     "single_blocks",
-    "single_transformer_blocks",
     "final_layer",
-    "norm_out",
-    "proj_out",
-    "img_mod",
-    "img_attn",
-    "img_mlp",
-    "txt_mod",
-    "txt_attn",
-    "txt_mlp",
-    "norm1",
-    "norm1_context",
-    "attn",
-    "to_q",
-    "to_k",
-    "to_v",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_out",
-    "to_add_out",
-    "ff",
-    "ff_context",
-    "proj_mlp",
-    "qkv",
-    "proj",
-    "lin",
-    "linear1",
-    "linear2",
+    "in_layer",
+    "out_layer",
+    "adaLN_modulation",
+    "linear",
 )
+_FLUX_DOUBLE_ORDER = {
+    n: i
+    for i, n in enumerate(
+        (
+            "img_mod.lin",
+            "img_attn.qkv",
+            "txt_mod.lin",
+            "txt_attn.qkv",
+            "img_attn.proj",
+            "img_mlp.0",
+            "img_mlp.2",
+            "txt_attn.proj",
+            "txt_mlp.0",
+            "txt_mlp.2",
+        )
+    )
+}
+# Single block: modulation, then linear1 (q, k, v and mlp slices come out of one fused matmul), then linear2.
+_FLUX_SINGLE_ORDER = {"modulation.lin": 0, "linear1": 1, "linear2": 2}
+_SLICE_ORDER = {p: i for i, p in enumerate(SLICE_PARTS)}
 _ORDER_TABLES = {
     "unet": {n: i for i, n in enumerate(_UNET_ORDER)},
     "te1": {n: i for i, n in enumerate(_TE_ORDER)},
     "te2": {n: i for i, n in enumerate(_TE_ORDER)},
+    "t5": {n: i for i, n in enumerate(_TE_ORDER)},
     "flux": {n: i for i, n in enumerate(_FLUX_ORDER)},
 }
 
 
 def forward_order_key(layer_id: str) -> tuple:
-    """Sort key in forward-execution order: text encoders (te1, te2) first, then the UNet (input blocks by number,
-    middle, output blocks; attn1, attn2, ff; to_q, to_k, to_v, to_out.0; resnet in/emb/out/skip), then Flux, then
-    other. Numbers sort numerically; unknown names after known ones, alphabetically."""
+    """Sort key in forward-execution order: text encoders (te1, te2, t5) first, then the UNet (input blocks by number,
+    middle, output blocks; attn1, attn2, ff; to_q, to_k, to_v, to_out.0; resnet in/emb/out/skip), then Flux (embedders,
+    double blocks, single blocks, final layer; inside blocks in execution order, slices q, k, v, mlp), then other.
+    Numbers sort numerically; unknown names after known ones, alphabetically."""
     component, path = layer_id_parts(layer_id)
     table = _ORDER_TABLES.get(component, {})
     unknown = len(table)
+    rank = _COMPONENT_RANK.get(component, len(_COMPONENT_RANK))
+    if component == "flux":
+        base, part = split_slice(path)
+        t = base.split(".")
+        if len(t) >= 3 and t[0] in ("double_blocks", "single_blocks") and _is_int(t[1]):
+            child = ".".join(t[2:])
+            order = _FLUX_DOUBLE_ORDER if t[0] == "double_blocks" else _FLUX_SINGLE_ORDER
+            toks = (
+                (1, table[t[0]], t[0]),
+                (0, int(t[1]), ""),
+                (1, order.get(child, len(order)), child),
+                (1, _SLICE_ORDER.get(part or "", -1), part or ""),
+            )
+            return (rank, toks)
     toks = tuple((0, int(t), "") if _is_int(t) else (1, table.get(t, unknown), t) for t in path.split("."))
-    return (_COMPONENT_RANK.get(component, len(_COMPONENT_RANK)), toks)
+    return (rank, toks)
 
 
 _ATTENTION = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -674,7 +866,7 @@ def is_attention(layer_id: str) -> bool:
 
 
 def layer_group(layer_id: str) -> str:
-    """Short label for map ticks: IN4, MID, OUT3, EMB, END, TE1, TE2, FLUX-D3, FLUX-S12, FLUX, OTHER."""
+    """Short label for map ticks: IN4, MID, OUT3, EMB, END, TE1, TE2, T5, FLUX-D3, FLUX-S12, FLUX, OTHER."""
     component, path = layer_id_parts(layer_id)
     t = path.split(".")
     if component == "unet":
@@ -687,12 +879,12 @@ def layer_group(layer_id: str) -> str:
         if t[0] in ("time_embed", "label_emb"):
             return "EMB"
         return "END"
-    if component in ("te1", "te2"):
+    if component in ("te1", "te2", "t5"):
         return component.upper()
     if component == "flux":
-        if len(t) > 1 and t[0] in ("double_blocks", "transformer_blocks"):
+        if len(t) > 1 and t[0] == "double_blocks":
             return f"FLUX-D{t[1]}"
-        if len(t) > 1 and t[0] in ("single_blocks", "single_transformer_blocks"):
+        if len(t) > 1 and t[0] == "single_blocks":
             return f"FLUX-S{t[1]}"
         return "FLUX"
     return "OTHER"
@@ -709,8 +901,8 @@ def conv_kernel(layer_id: str, arch: str | None = None) -> int | None:
     Lets flattened LoHa/LoKr factors be given the target's 4-D shape (the file does not store the kernel size).
     """
     component, path = layer_id_parts(layer_id)
-    if component in ("te1", "te2"):
-        return 0
+    if component in ("te1", "te2", "t5", "flux"):
+        return 0  # every LoRA target there is a Linear
     if component != "unet":
         return None
     if _CONV3.search(path):
@@ -769,13 +961,32 @@ def a1111_name(layer_id: str, arch: str | None = "sd15") -> str | None:
 
 
 def forge_key(layer_id: str) -> str | None:
-    """Forge state-dict key of the target weight: ``diffusion_model.<path>.weight`` for UNet ids and for Flux ids in
-    BFL naming (Forge's Flux modules use BFL names). None for text encoders, diffusers-named Flux ids (their
-    targets are slices of fused weights) and other ids."""
+    """Forge state-dict key of the target weight: ``diffusion_model.<path>.weight`` for UNet and Flux ids (for a
+    slice, the fused weight's key; see :func:`forge_target` for the offset). None for text encoders and other ids."""
     component, path = layer_id_parts(layer_id)
-    if component == "unet" or (component == "flux" and path.split(".", 1)[0] in _BFL_FLUX_ROOTS):
+    if component == "unet":
         return f"diffusion_model.{path}.weight"
+    if component == "flux":
+        return f"diffusion_model.{split_slice(path)[0]}.weight"
     return None
+
+
+def forge_target(
+    layer_id: str, weight_shape: tuple[int, ...] | None = None
+) -> tuple[str, tuple[int, int, int] | None] | None:
+    """(Forge param key, offset) of a layer: offset ``(0, start, length)`` for a slice of a fused Flux weight (what
+    Forge's own diffusers key map gives ``to_q``/``proj_mlp``), None for a whole weight. ``weight_shape``: the fused
+    parameter's shape (needed for slices only). None when Forge has no such param key."""
+    key = forge_key(layer_id)
+    if key is None:
+        return None
+    _, part = split_slice(layer_id)
+    if part is None:
+        return key, None
+    if weight_shape is None or len(weight_shape) < 2:
+        raise ValueError(f"forge_target({layer_id!r}) needs the fused weight's shape")
+    start, stop = slice_rows(part, int(weight_shape[1]), int(weight_shape[0]))
+    return key, (0, start, stop - start)
 
 
 def diffusers_name(layer_id: str, arch: str | None = "sd15") -> str | None:
@@ -788,16 +999,31 @@ def diffusers_name(layer_id: str, arch: str | None = "sd15") -> str | None:
         return f"text_encoder.{path}"
     if component == "te2":
         return f"text_encoder_2.{path}"
-    if component == "flux" and path.split(".", 1)[0] in _DIFFUSERS_FLUX_ROOTS:
-        return f"transformer.{path}"
+    if component == "flux":
+        d = _bfl_to_diffusers(path)
+        return f"transformer.{d}" if d else None
     return None
+
+
+def _bfl_to_diffusers(path: str) -> str | None:
+    """A canonical Flux path (BFL, maybe a slice) -> the diffusers module path; None where there is none (a fused
+    weight as a whole)."""
+    base, part = split_slice(path)
+    t = base.split(".")
+    if len(t) >= 3 and t[0] in ("double_blocks", "single_blocks") and _is_int(t[1]):
+        table = _BFL_TO_DIFFUSERS_DOUBLE if t[0] == "double_blocks" else _BFL_TO_DIFFUSERS_SINGLE
+        d = table.get((".".join(t[2:]), part))
+        prefix = "transformer_blocks" if t[0] == "double_blocks" else "single_transformer_blocks"
+        return f"{prefix}.{t[1]}.{d}" if d else None
+    return None if part else _BFL_TO_DIFFUSERS_GLOBAL.get(base)
 
 
 def kohya_name(layer_id: str, arch: str | None = "sd15") -> str | None:
     """The kohya (sd-scripts) module key of a layer id.
 
     SD1.x UNet keys use diffusers block names, SDXL UNet keys compvis names; SD1.x text encoder ``lora_te_``,
-    SDXL ``lora_te1_``/``lora_te2_``; Flux BFL paths ``lora_unet_``, diffusers Flux paths ``lora_transformer_``.
+    SDXL ``lora_te1_``/``lora_te2_``; T5 ``lora_te3_``; Flux BFL paths ``lora_unet_`` (None for a slice of a fused
+    weight).
     """
     component, path = layer_id_parts(layer_id)
     if component == "unet":
@@ -810,7 +1036,9 @@ def kohya_name(layer_id: str, arch: str | None = "sd15") -> str | None:
     if component == "te2":
         return "lora_te2_" + path.replace(".", "_")
     if component == "flux":
-        root = path.split(".", 1)[0]
-        prefix = "lora_unet_" if root in _BFL_FLUX_ROOTS else "lora_transformer_"
-        return prefix + path.replace(".", "_")
+        if split_slice(path)[1]:
+            return None  # a slice has no kohya key: kohya stores the fused weight (see fused_parts)
+        return "lora_unet_" + path.replace(".", "_")
+    if component == "t5":
+        return "lora_te3_" + path.replace(".", "_")
     return None

@@ -128,18 +128,81 @@ DIFFUSERS_PREFIXES = [
     ("diffusion_model.out.2", "unet:out.2"),
 ]
 
+# Canonical Flux ids are BFL paths (Forge's model) with fused weights split into [q]/[k]/[v]/[mlp] slices; the
+# diffusers -> BFL table is Forge's own (comfyui_lora_collection/utils.py flux_to_diffusers).
 FLUX = [
     ("lora_unet_double_blocks_0_img_attn_qkv", "flux:double_blocks.0.img_attn.qkv"),
     ("lora_unet_double_blocks_18_txt_mlp_2", "flux:double_blocks.18.txt_mlp.2"),
     ("lora_unet_double_blocks_3_img_mod_lin", "flux:double_blocks.3.img_mod.lin"),
     ("lora_unet_single_blocks_37_linear1", "flux:single_blocks.37.linear1"),
     ("lora_unet_single_blocks_0_modulation_lin", "flux:single_blocks.0.modulation.lin"),
-    ("transformer.transformer_blocks.0.attn.to_q", "flux:transformer_blocks.0.attn.to_q"),
-    ("transformer.transformer_blocks.5.attn.to_add_out", "flux:transformer_blocks.5.attn.to_add_out"),
-    ("transformer.single_transformer_blocks.3.proj_out", "flux:single_transformer_blocks.3.proj_out"),
-    ("transformer.transformer_blocks.0.ff_context.net.0.proj", "flux:transformer_blocks.0.ff_context.net.0.proj"),
-    ("lora_transformer_transformer_blocks_0_attn_add_q_proj", "flux:transformer_blocks.0.attn.add_q_proj"),
-    ("lora_transformer_single_transformer_blocks_7_norm_linear", "flux:single_transformer_blocks.7.norm.linear"),
+    ("lora_unet_final_layer_adaLN_modulation_1", "flux:final_layer.adaLN_modulation.1"),
+    ("lora_unet_time_in_in_layer", "flux:time_in.in_layer"),
+    ("diffusion_model.double_blocks.2.img_attn.proj", "flux:double_blocks.2.img_attn.proj"),
+    ("model.diffusion_model.single_blocks.4.linear2", "flux:single_blocks.4.linear2"),
+    ("double_blocks.1.txt_attn.qkv", "flux:double_blocks.1.txt_attn.qkv"),
+    ("transformer.double_blocks.1.img_mlp.0", "flux:double_blocks.1.img_mlp.0"),
+    ("transformer.transformer_blocks.0.attn.to_q", "flux:double_blocks.0.img_attn.qkv[q]"),
+    ("transformer.transformer_blocks.0.attn.to_k", "flux:double_blocks.0.img_attn.qkv[k]"),
+    ("transformer.transformer_blocks.0.attn.to_v", "flux:double_blocks.0.img_attn.qkv[v]"),
+    ("transformer.transformer_blocks.0.attn.add_v_proj", "flux:double_blocks.0.txt_attn.qkv[v]"),
+    ("transformer.transformer_blocks.2.attn.to_out.0", "flux:double_blocks.2.img_attn.proj"),
+    ("transformer.transformer_blocks.5.attn.to_add_out", "flux:double_blocks.5.txt_attn.proj"),
+    ("transformer.transformer_blocks.1.norm1.linear", "flux:double_blocks.1.img_mod.lin"),
+    ("transformer.transformer_blocks.1.norm1_context.linear", "flux:double_blocks.1.txt_mod.lin"),
+    ("transformer.transformer_blocks.0.ff.net.0.proj", "flux:double_blocks.0.img_mlp.0"),
+    ("transformer.transformer_blocks.0.ff.net.2", "flux:double_blocks.0.img_mlp.2"),
+    ("transformer.transformer_blocks.0.ff_context.net.0.proj", "flux:double_blocks.0.txt_mlp.0"),
+    ("transformer.transformer_blocks.0.ff_context.net.2", "flux:double_blocks.0.txt_mlp.2"),
+    ("transformer.single_transformer_blocks.3.attn.to_q", "flux:single_blocks.3.linear1[q]"),
+    ("transformer.single_transformer_blocks.3.proj_mlp", "flux:single_blocks.3.linear1[mlp]"),
+    ("transformer.single_transformer_blocks.3.proj_out", "flux:single_blocks.3.linear2"),
+    ("transformer.single_transformer_blocks.3.norm.linear", "flux:single_blocks.3.modulation.lin"),
+    ("transformer.x_embedder", "flux:img_in"),
+    ("transformer.context_embedder", "flux:txt_in"),
+    ("transformer.time_text_embed.timestep_embedder.linear_2", "flux:time_in.out_layer"),
+    ("transformer.time_text_embed.text_embedder.linear_1", "flux:vector_in.in_layer"),
+    ("transformer.time_text_embed.guidance_embedder.linear_1", "flux:guidance_in.in_layer"),
+    ("transformer.proj_out", "flux:final_layer.linear"),
+    ("transformer.norm_out.linear", "flux:final_layer.adaLN_modulation.1"),
+    ("base_model.model.transformer_blocks.0.attn.to_k", "flux:double_blocks.0.img_attn.qkv[k]"),
+    ("transformer_blocks.0.attn.add_q_proj", "flux:double_blocks.0.txt_attn.qkv[q]"),
+    ("lora_transformer_transformer_blocks_0_attn_add_q_proj", "flux:double_blocks.0.txt_attn.qkv[q]"),
+    ("lora_transformer_single_transformer_blocks_7_norm_linear", "flux:single_blocks.7.modulation.lin"),
+    ("lora_transformer_single_transformer_blocks_7_proj_mlp", "flux:single_blocks.7.linear1[mlp]"),
+    ("lycoris_transformer_blocks_0_attn_to_v", "flux:double_blocks.0.img_attn.qkv[v]"),
+    ("lycoris_single_transformer_blocks_2_attn_to_k", "flux:single_blocks.2.linear1[k]"),
+]
+
+T5 = [
+    ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", "t5:encoder.block.0.layer.0.SelfAttention.q"),
+    ("lora_te3_encoder_block_23_layer_1_DenseReluDense_wi_1", "t5:encoder.block.23.layer.1.DenseReluDense.wi_1"),
+    ("lora_te2_encoder_block_3_layer_0_SelfAttention_o", "t5:encoder.block.3.layer.0.SelfAttention.o"),  # OneTrainer
+    ("lora_te1_encoder_block_3_layer_1_DenseReluDense_wo", "t5:encoder.block.3.layer.1.DenseReluDense.wo"),
+    (
+        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k",
+        "t5:encoder.block.0.layer.0.SelfAttention.k",
+    ),
+    (
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1",
+        "te1:text_model.encoder.layers.0.mlp.fc1",
+    ),
+]
+
+# The authors' diffusers-0.24 SDXL trainer (HVision-NKU/K-LoRA utils.py reads "unet.unet.<path>.to_q.lora.down").
+AUTHORS = [
+    (
+        "unet.unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet:input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+    ),
+    (
+        "unet.unet.up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_out.0",
+        "unet:output_blocks.2.1.transformer_blocks.9.attn2.to_out.0",
+    ),
+    (
+        "unet.unet.mid_block.attentions.0.transformer_blocks.3.attn1.to_k",
+        "unet:middle_block.1.transformer_blocks.3.attn1.to_k",
+    ),
 ]
 
 
@@ -177,11 +240,31 @@ def test_flux(key: str, expected: str) -> None:
     assert keys.normalize_key(key, None) == expected
 
 
+def test_flux_norm_out_is_marked_swapped() -> None:
+    # diffusers' norm_out.linear stores (scale, shift); BFL's adaLN_modulation.1 (shift, scale): Forge swaps the halves
+    assert keys.resolve_key("transformer.norm_out.linear").swap_halves
+    assert not keys.resolve_key("lora_unet_final_layer_adaLN_modulation_1").swap_halves
+    assert not keys.resolve_key("transformer.proj_out").swap_halves
+
+
+@pytest.mark.parametrize(("key", "expected"), T5)
+def test_t5_is_its_own_text_encoder(key: str, expected: str) -> None:
+    assert keys.normalize_key(key, "flux") == expected
+    assert keys.is_text_encoder(expected)
+
+
+@pytest.mark.parametrize(("key", "expected"), AUTHORS)
+def test_authors_key_style(key: str, expected: str) -> None:
+    assert keys.normalize_key(key, "sdxl") == expected
+    assert keys.resolve_key(key, "sdxl").style == "authors"
+    assert keys.split_key(key + ".lora.down.weight") == (key, "down")
+
+
 def test_unrecognised() -> None:
     assert keys.normalize_key("foo.bar", None) is None
     assert keys.normalize_key("emb_params", None) is None
     assert keys.normalize_key("lora_unet_something_odd", None) == "other:lora_unet_something_odd"
-    assert keys.normalize_key("lora_te3_encoder_block_0", None) == "other:lora_te3_encoder_block_0"
+    assert keys.normalize_key("lora_te3_encoder_block_0", None) == "t5:encoder.block.0"
     assert keys.normalize_key("unet.down_blocks.x.attentions", None) == "other:unet.down_blocks.x.attentions"
 
 
@@ -213,7 +296,11 @@ def test_unrecognised() -> None:
             "text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight",
             ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", "down"),
         ),
-        ("unet.a.b.lora_magnitude_vector", ("unet.a.b", "lora_magnitude_vector")),
+        ("unet.a.b.lora_magnitude_vector", ("unet.a.b", "magnitude")),  # PEFT DoRA: read since issue 7
+        ("lora_unet_a_b.weight", ("lora_unet_a_b", "ia3_w")),  # (IA)3 vector, kohya-style names only
+        ("unet.a.b.weight", None),
+        ("lora_unet_a_b.a1.weight", ("lora_unet_a_b", "glora_a1")),
+        ("lora_unet_a_b.oft_blocks", ("lora_unet_a_b", "oft_blocks")),
         ("unet.a.b.weight", None),
         ("lora_unet_a_b.weird_part", None),
         ("no_dot_at_all", None),
@@ -334,12 +421,85 @@ def test_round_trip_every_synthetic_layer(arch: str) -> None:
 
 
 def test_flux_round_trip() -> None:
-    for layer_id in ("flux:double_blocks.0.img_attn.qkv", "flux:single_blocks.12.linear2"):
+    for layer_id in ("flux:double_blocks.0.img_attn.qkv", "flux:single_blocks.12.linear2", "flux:img_in"):
         assert keys.normalize_key(keys.kohya_name(layer_id, "flux"), "flux") == layer_id
-    layer_id = "flux:transformer_blocks.3.attn.to_q"
-    assert keys.diffusers_name(layer_id, "flux") == "transformer.transformer_blocks.3.attn.to_q"
-    assert keys.normalize_key(keys.diffusers_name(layer_id, "flux"), None) == layer_id
-    assert keys.normalize_key(keys.kohya_name(layer_id, "flux"), None) == layer_id
+    for layer_id, diffusers in (
+        ("flux:double_blocks.3.img_attn.qkv[q]", "transformer.transformer_blocks.3.attn.to_q"),
+        ("flux:double_blocks.3.txt_attn.qkv[k]", "transformer.transformer_blocks.3.attn.add_k_proj"),
+        ("flux:single_blocks.1.linear1[mlp]", "transformer.single_transformer_blocks.1.proj_mlp"),
+        ("flux:single_blocks.1.linear2", "transformer.single_transformer_blocks.1.proj_out"),
+        ("flux:final_layer.linear", "transformer.proj_out"),
+    ):
+        assert keys.diffusers_name(layer_id, "flux") == diffusers
+        assert keys.normalize_key(diffusers, None) == layer_id
+    assert keys.kohya_name("flux:double_blocks.3.img_attn.qkv[q]", "flux") is None  # kohya stores the fused weight
+    assert keys.diffusers_name("flux:double_blocks.3.img_attn.qkv", "flux") is None  # diffusers never fuses
+
+
+def test_flux_slices_and_forge_offsets() -> None:
+    assert keys.fused_parts("double_blocks.0.img_attn.qkv") == ("q", "k", "v")
+    assert keys.fused_parts("single_blocks.0.linear1") == ("q", "k", "v", "mlp")
+    assert keys.fused_parts("single_blocks.0.linear2") is None
+    assert keys.split_slice("flux:single_blocks.0.linear1[mlp]") == ("flux:single_blocks.0.linear1", "mlp")
+    assert keys.split_slice("flux:single_blocks.0.linear2") == ("flux:single_blocks.0.linear2", None)
+    # Forge's flux_to_diffusers offsets at Flux-dev widths (h = 3072, linear1 = 3h + 4h rows).
+    qkv, lin1 = (9216, 3072), (21504, 3072)
+    assert keys.forge_target("flux:double_blocks.0.img_attn.qkv[q]", qkv) == (
+        "diffusion_model.double_blocks.0.img_attn.qkv.weight",
+        (0, 0, 3072),
+    )
+    assert keys.forge_target("flux:double_blocks.0.txt_attn.qkv[v]", qkv)[1] == (0, 6144, 3072)
+    assert keys.forge_target("flux:single_blocks.5.linear1[k]", lin1)[1] == (0, 3072, 3072)
+    assert keys.forge_target("flux:single_blocks.5.linear1[mlp]", lin1)[1] == (0, 9216, 12288)
+    assert keys.forge_target("flux:single_blocks.5.linear2") == (
+        "diffusion_model.single_blocks.5.linear2.weight",
+        None,
+    )
+    assert keys.forge_target("te1:text_model.encoder.layers.0.mlp.fc1") is None
+    with pytest.raises(ValueError, match="needs the fused weight"):
+        keys.forge_target("flux:single_blocks.5.linear1[q]")
+
+
+def test_flux_forward_order_follows_forge_blocks() -> None:
+    # backend/nn/flux.py: img_in, time_in, guidance_in, vector_in, txt_in, double blocks, single blocks, final_layer;
+    # DoubleStreamBlock.forward: img_mod, img qkv, txt_mod, txt qkv, img proj, img_mlp, txt proj, txt_mlp.
+    expected = [
+        "flux:img_in",
+        "flux:time_in.in_layer",
+        "flux:time_in.out_layer",
+        "flux:guidance_in.in_layer",
+        "flux:vector_in.in_layer",
+        "flux:txt_in",
+        "flux:double_blocks.0.img_mod.lin",
+        "flux:double_blocks.0.img_attn.qkv[q]",
+        "flux:double_blocks.0.img_attn.qkv[k]",
+        "flux:double_blocks.0.img_attn.qkv[v]",
+        "flux:double_blocks.0.txt_mod.lin",
+        "flux:double_blocks.0.txt_attn.qkv[q]",
+        "flux:double_blocks.0.txt_attn.qkv[k]",
+        "flux:double_blocks.0.txt_attn.qkv[v]",
+        "flux:double_blocks.0.img_attn.proj",
+        "flux:double_blocks.0.img_mlp.0",
+        "flux:double_blocks.0.img_mlp.2",
+        "flux:double_blocks.0.txt_attn.proj",
+        "flux:double_blocks.0.txt_mlp.0",
+        "flux:double_blocks.0.txt_mlp.2",
+        "flux:double_blocks.2.img_mod.lin",
+        "flux:double_blocks.10.img_mod.lin",
+        "flux:single_blocks.0.modulation.lin",
+        "flux:single_blocks.0.linear1[q]",
+        "flux:single_blocks.0.linear1[k]",
+        "flux:single_blocks.0.linear1[v]",
+        "flux:single_blocks.0.linear1[mlp]",
+        "flux:single_blocks.0.linear2",
+        "flux:single_blocks.1.modulation.lin",
+        "flux:final_layer.adaLN_modulation.1",
+        "flux:final_layer.linear",
+    ]
+    shuffled = expected[::-1]
+    assert sorted(shuffled, key=keys.forward_order_key) == expected
+    te = ["te1:text_model.encoder.layers.0.mlp.fc1", "t5:encoder.block.0.layer.0.SelfAttention.q"]
+    assert sorted(expected + te, key=keys.forward_order_key)[:2] == te
 
 
 # ---- arch detection -----------------------------------------------------------------------------------------------
@@ -443,8 +603,9 @@ def test_is_attention(layer_id: str, expected: bool) -> None:
         ("te2:text_model.encoder.layers.0.self_attn.q_proj", "TE2"),
         ("flux:double_blocks.3.img_attn.qkv", "FLUX-D3"),
         ("flux:single_blocks.12.linear1", "FLUX-S12"),
-        ("flux:transformer_blocks.3.attn.to_q", "FLUX-D3"),
-        ("flux:single_transformer_blocks.12.proj_out", "FLUX-S12"),
+        ("flux:double_blocks.3.img_attn.qkv[q]", "FLUX-D3"),
+        ("flux:single_blocks.12.linear1[mlp]", "FLUX-S12"),
+        ("t5:encoder.block.0.layer.0.SelfAttention.q", "T5"),
         ("flux:img_in", "FLUX"),
         ("other:x", "OTHER"),
     ],
@@ -475,7 +636,9 @@ def test_forge_keys() -> None:
         "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
     )
     assert keys.forge_key("flux:double_blocks.0.img_attn.qkv") == "diffusion_model.double_blocks.0.img_attn.qkv.weight"
-    assert keys.forge_key("flux:transformer_blocks.0.attn.to_q") is None
+    assert (
+        keys.forge_key("flux:double_blocks.0.img_attn.qkv[q]") == "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    )
     assert keys.forge_key("te1:text_model.encoder.layers.0.self_attn.q_proj") is None
 
 
@@ -492,7 +655,7 @@ def test_forge_keys() -> None:
         ("unet:input_blocks.4.1.transformer_blocks.0.attn1.to_q", "sd15", 0),
         ("unet:input_blocks.4.0.emb_layers.1", "sd15", 0),
         ("te1:text_model.encoder.layers.0.mlp.fc1", "sd15", 0),
-        ("flux:double_blocks.0.img_attn.qkv", "flux", None),
+        ("flux:double_blocks.0.img_attn.qkv", "flux", 0),  # every Flux LoRA target is a Linear
     ],
 )
 def test_conv_kernel(layer_id: str, arch: str, expected: int | None) -> None:

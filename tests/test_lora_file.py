@@ -360,6 +360,8 @@ def test_kinds_summary() -> None:
 
 
 def test_unknown_keys_are_reported() -> None:
+    # dora_scale and diff_b are read since issue 7 (both hosts apply them): only the alpha without factors and the
+    # non-LoRA key stay unknown.
     down, up = _r(2, 8), _r(8, 2)
     sd = {
         f"{Q}.lora_down.weight": down,
@@ -371,10 +373,13 @@ def test_unknown_keys_are_reported() -> None:
     }
     lora = parse_state_dict(sd, name="mix")
     assert list(lora.layers) == [Q_ID]
-    assert sorted(lora.unknown_keys) == sorted(k for k in sd if "lora_down" not in k and "lora_up" not in k)
-    assert lora.describe_unknown().startswith("4 unknown keys, e.g. ")
+    assert lora.layers[Q_ID].is_dora
+    assert list(lora.static_layers) == [CONV_ID + "#bias"]
+    assert sorted(lora.unknown_keys) == ["lora_unet_conv_in.alpha", "some_embedding.weight"]
+    assert lora.describe_unknown().startswith("2 unknown keys, e.g. ")
     assert any("DoRA" in w for w in lora.warnings)
-    assert any("4 unknown keys" in w for w in lora.warnings)
+    assert any("static layers (bias)" in w for w in lora.warnings)
+    assert any("2 unknown keys" in w for w in lora.warnings)
 
 
 def test_describe_unknown_empty_and_other_layers() -> None:
