@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -270,15 +271,57 @@ def test_held_plan_repeats_last_row() -> None:
     assert held.changes(1).size == 0
 
 
-def test_reference_mode_reproduces_the_code_with_auto_mean_gamma_and_attention_scope() -> None:
-    # Two attention layers and one FF layer (out of the reference's scope, so it must not affect gamma).
-    # ratios sum|dW_c|/sum|dW_s| in scope: 2, 1 -> mean 1.5, none >= 4.5 -> gamma 1.5 (FF ratio 100 ignored)
-    # N = 2 steps x 2 layers; scales .875, 1.25 | 1.625, .5 (counter wraps on the last call)
-    # layer a: (3/1.5) / .875 = 2.29 > 1 C; 2 / 1.625 = 1.23 C.  layer b: 1 / 1.25 = .8 S; 1 / .5 = 2 C
+def test_reference_clock_without_reference_numbers_is_flagged_approximate() -> None:
+    # Scores without the authors' numbers: their clock on our scores and our in-scope gamma, said in the notes.
     scores = pair(
         [3.0, 1.5, 7.0], [1.0, 1.0, 1.0], ac=[2.0, 1.0, 100.0], as_=[1.0, 1.0, 1.0], ids=[ATTN[0], ATTN[1], FF]
     )
     plan = Plan.build(scores, KLoraArgs(scope="attention", clock="reference", gamma_mode="auto-mean"), 2)
-    assert plan.layer_ids == (ATTN[0], ATTN[1])
-    assert plan.gamma == 1.5
+    assert plan.layer_ids == (ATTN[0], ATTN[1]) and plan.gamma == 1.5 and not plan.exact
+    assert any("approximate" in n for n in plan.notes)
+    # layer a: (3/1.5) / .875 = 2.29 > 1 C; 2 / 1.625 = 1.23 C.  layer b: 1 / 1.25 = .8 S; 1 / .5 = 2 C
     assert plan.roles.tolist() == [[CONTENT, STYLE], [CONTENT, CONTENT]]
+
+
+def test_literal_clock_uses_the_scripts_constant_and_a_counter_start() -> None:
+    # N = 28000 (SD script). Counter 9333: 1.5 * 9333 / 28000 + .5 = .99998 -> 1 / .99998 > 1 content;
+    # 9334, 9335, 9336: scale > 1 -> style.
+    plan = Plan.build(pair([1.0, 1.0], [1.0, 1.0]), manual(clock="reference-literal"), 2, counter_start=9332)
+    assert plan.counter_n == 28000 and plan.counter_start == 9332
+    assert plan.roles.tolist() == [[CONTENT, STYLE], [STYLE, STYLE]]
+
+
+def _kohya_pair(content: dict[str, tuple[list, list]], style: dict[str, tuple[list, list]]):
+    from klora_ext import synthetic
+    from klora_ext.lora_file import parse_state_dict
+    from klora_ext.scoring import compute_scores
+
+    def sd(spec):
+        out = {}
+        for layer_id, (up, down) in spec.items():
+            m = synthetic.module_key(layer_id, "kohya", "sd15")
+            out[f"{m}.lora_up.weight"] = torch.tensor(up, dtype=torch.float32)
+            out[f"{m}.lora_down.weight"] = torch.tensor(down, dtype=torch.float32)
+        return out
+
+    a = parse_state_dict(sd(content), name="c", arch="sd15")
+    b = parse_state_dict(sd(style), name="s", arch="sd15")
+    return compute_scores(a, b, reference=True)
+
+
+def test_reference_gamma_counts_ff_pairs_like_the_authors_code() -> None:
+    # sum|up @ down| per pair: content 4, 1, 40 (FF); style 4, 4, 4 -> ratios 1, .25, 10 in whatever key order:
+    # mean 11.25 / 3 = 3.75, none >= 11.25 -> gamma 3.75. Over the attention layers only it would be 0.625.
+    ones = ([[1.0], [1.0]], [[1.0, 1.0]])
+    scores = _kohya_pair(
+        {ATTN[0]: ones, ATTN[1]: ([[1.0], [0.0]], [[1.0, 0.0]]), FF: ([[10.0], [10.0]], [[1.0, 1.0]])},
+        {ATTN[0]: ones, ATTN[1]: ones, FF: ones},
+    )
+    assert scores.reference.gamma == 3.75 and scores.reference.pairs == 3
+    assert scores.reference.layer_ids == (ATTN[0], ATTN[1])  # FF counts in gamma but is not switched
+    plan = Plan.build(scores, KLoraArgs(clock="reference", scope="attention"), 3)
+    assert plan.exact and plan.gamma == 3.75
+    # raw top-1 sums are 1 everywhere: (1 / 3.75) / (1 * scale) > 1 needs scale < .267; scale >= beta = .5
+    assert (plan.roles == STYLE).all()
+    default = Plan.build(scores, KLoraArgs(scope="attention"), 3)
+    assert default.gamma == pytest.approx(0.625)
