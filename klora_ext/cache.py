@@ -1,7 +1,10 @@
 """Score cache: a pair's scores are computed once, kept in memory and in a small bounded JSON file on disk.
 
-Key: sha256 of both files' bytes + the options that change the numbers (K multiplier, score version). File hashes are
-themselves cached by (path, size, mtime), so a cached pair costs no file read at all.
+Key: sha256 of both files' bytes + the layer mapping that produced the layers (``mapping``: "reader" for the host-free
+reader, or a host adapter's own mapping id) + the options that change the numbers (K multiplier, reference numbers,
+score and reader versions, any adapter options). File hashes are themselves cached by the file's identity (path, size,
+mtime, inode, ctime): a file replaced by one of the same size with its mtime preserved (a copy with ``cp -p``, an
+``os.utime``) still gets a new inode or ctime and is hashed again. A cached pair costs no file read at all.
 """
 
 from __future__ import annotations
@@ -19,19 +22,32 @@ from typing import Any
 
 from klora_ext.errors import KLoraError
 from klora_ext.log import logger
-from klora_ext.lora_file import read_lora, sha256_file
+from klora_ext.lora_file import READER_VERSION, read_lora, sha256_file
 from klora_ext.reference import ReferenceScores
 from klora_ext.scoring import SCORE_VERSION, LayerScore, PairScores, ProgressFn, compute_scores
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: file-hash rows carry inode and ctime
 DEFAULT_MAX_ENTRIES = 32
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 MAX_HASHES = 512
 
 
-def pair_key(sha_content: str, sha_style: str, k_multiplier: float, reference: bool = False) -> str:
+def pair_key(
+    sha_content: str,
+    sha_style: str,
+    k_multiplier: float,
+    reference: bool = False,
+    *,
+    mapping: str = "reader",
+    options: dict[str, Any] | None = None,
+) -> str:
+    """Cache key of a pair's scores. ``mapping``: which layer mapping produced the layers ("reader" = this package's
+    reader, versioned by READER_VERSION; a host adapter passes its own id, e.g. the host and model). ``options``:
+    anything else that changes the numbers (JSON-serialisable)."""
     ref = ":ref" if reference else ""  # entries with the authors' numbers (reference clocks) are kept apart
-    return f"{sha_content}:{sha_style}:k{float(k_multiplier)!r}:v{SCORE_VERSION}{ref}"
+    m = f"reader{READER_VERSION}" if mapping == "reader" else mapping
+    opts = f":o{json.dumps(options, sort_keys=True, separators=(',', ':'))}" if options else ""
+    return f"{sha_content}:{sha_style}:k{float(k_multiplier)!r}:v{SCORE_VERSION}{ref}:m{m}{opts}"
 
 
 # Rows are stored as lists (not dicts) to keep the file small: SDXL pairs have ~1700 shared layers.
@@ -69,6 +85,11 @@ def _unpack(data: dict[str, Any]) -> PairScores:
     )
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    # ctime cannot be set from user space: any rewrite, chmod or rename-over changes it (or the inode).
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
 @dataclass
 class CacheStats:
     memory_hits: int = 0
@@ -93,23 +114,26 @@ class ScoreCache:
         self.stats = CacheStats()
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, dict[str, Any]] = OrderedDict()  # key -> packed scores
-        self._hashes: OrderedDict[str, tuple[int, int, str]] = OrderedDict()  # abspath -> (size, mtime_ns, sha)
+        # abspath -> (size, mtime_ns, inode, ctime_ns, sha)
+        self._hashes: OrderedDict[str, tuple[int, int, int, int, str]] = OrderedDict()
         self._loaded = False
 
     # ---- file hashes --------------------------------------------------------------------------------------------
     def file_hash(self, path: str | os.PathLike[str]) -> str:
+        """sha256 of a file's bytes, reused while its identity (size, mtime, inode, ctime) is unchanged."""
         real = os.path.abspath(path)
         try:
             st = os.stat(real)
         except OSError as exc:
             msg = f"[K-LoRA] LoRA file not found: '{path}'"
             raise KLoraError(msg) from exc
+        identity = _identity(st)
         with self._lock:
             self._load()
             known = self._hashes.get(real)
-            if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+            if known and known[:4] == identity:
                 self._hashes.move_to_end(real)
-                return known[2]
+                return known[4]
         try:
             sha = sha256_file(real)
         except OSError as exc:
@@ -117,7 +141,7 @@ class ScoreCache:
             raise KLoraError(msg) from exc
         with self._lock:
             self.stats.files_hashed += 1
-            self._hashes[real] = (st.st_size, st.st_mtime_ns, sha)
+            self._hashes[real] = (*identity, sha)
             while len(self._hashes) > MAX_HASHES:
                 self._hashes.popitem(last=False)
         return sha
@@ -164,25 +188,34 @@ class ScoreCache:
         loader: Callable[..., Any] | None = None,
         progress: ProgressFn | None = None,
         reference: bool = False,
+        mapping: str = "reader",
+        options: dict[str, Any] | None = None,
+        compute: Callable[[str, str, str, str], PairScores] | None = None,
     ) -> tuple[PairScores, bool]:
         """(scores, from_cache). On a hit no LoRA file is parsed and no delta is computed. ``reference``: also the
-        authors' numbers for the reference clocks (compute_scores(..., reference=True))."""
+        authors' numbers for the reference clocks (compute_scores(..., reference=True)).
+
+        ``mapping``/``options``: see :func:`pair_key`. ``compute(content_path, style_path, sha_content, sha_style)``:
+        how a host adapter scores the pair with its own layer mapping (default: this package's reader + scoring)."""
         sha_content, sha_style = self.file_hash(content_path), self.file_hash(style_path)
-        key = pair_key(sha_content, sha_style, k_multiplier, reference)
+        key = pair_key(sha_content, sha_style, k_multiplier, reference, mapping=mapping, options=options)
         cached = self.get(key)
         if cached is not None:
             return cached, True
         self.stats.misses += 1
-        loader = loader or read_lora
         started = time.perf_counter()
-        scores = compute_scores(
-            loader(str(content_path), sha256=sha_content),
-            loader(str(style_path), sha256=sha_style),
-            k_multiplier=k_multiplier,
-            device=device,
-            progress=progress,
-            reference=reference,
-        )
+        if compute is not None:
+            scores = compute(str(content_path), str(style_path), sha_content, sha_style)
+        else:
+            loader = loader or read_lora
+            scores = compute_scores(
+                loader(str(content_path), sha256=sha_content),
+                loader(str(style_path), sha256=sha_style),
+                k_multiplier=k_multiplier,
+                device=device,
+                progress=progress,
+                reference=reference,
+            )
         logger.info("scored %d shared layers in %.2f s", len(scores.layers), time.perf_counter() - started)
         self.put(key, scores)
         return scores, False
@@ -210,7 +243,8 @@ class ScoreCache:
         for key, packed in data.get("entries", {}).items():
             self._entries[key] = packed
         for real, row in data.get("hashes", {}).items():
-            self._hashes[real] = (int(row[0]), int(row[1]), str(row[2]))
+            if isinstance(row, list) and len(row) == 5:
+                self._hashes[real] = (int(row[0]), int(row[1]), int(row[2]), int(row[3]), str(row[4]))
 
     def _load_from_disk_entry(self, key: str) -> bool:
         if not self._loaded:
