@@ -276,7 +276,7 @@ class A1111Adapter(HostAdapter):
             self._set_role(name, role)
             if role != NONE:
                 te_applied = te_applied or layer_id.startswith(("te1:", "te2:"))
-            self._invalidate(mapping.get(name))
+            self._invalidate(merge_site(name, mapping))
         self.run = run
         self._dropped = set()
         if te_applied:
@@ -388,7 +388,7 @@ class A1111Adapter(HostAdapter):
             if name is None:
                 continue
             self._set_role(name, role)
-            self._invalidate(mapping.get(name))
+            self._invalidate(merge_site(name, mapping))
         self.stats["apply_calls"] += 1
         self.stats["switched_layers"] += len(changes)
 
@@ -474,6 +474,24 @@ def _functional_mode() -> bool:
         return bool(getattr(_shared().opts, "lora_functional", False))
     except ImportError:
         return False
+
+
+_MHA_PARTS = ("_q_proj", "_k_proj", "_v_proj", "_out_proj")
+
+
+def merge_site(name: str, mapping: dict[str, torch.nn.Module]) -> torch.nn.Module | None:
+    """The module whose forward merges the builtin's ``net.modules[name]`` into the weights.
+
+    Usually the module of that name. ``nn.MultiheadAttention`` (SDXL's OpenCLIP TE2): the builtin keys its LoRA
+    modules ``<attn>_q_proj/_k_proj/_v_proj`` (no module of that name: matched to the parent attention) and
+    ``<attn>_out_proj`` (the child Linear, which the attention never calls); all four are merged at the parent's
+    forward into ``in_proj_weight`` and ``out_proj.weight``. Invalidating the child would change nothing."""
+    for suffix in _MHA_PARTS:
+        if name.endswith(suffix):
+            parent = mapping.get(name[: -len(suffix)])
+            if isinstance(parent, torch.nn.MultiheadAttention):
+                return parent
+    return mapping.get(name)
 
 
 def mark_stale(layer: torch.nn.Module) -> None:

@@ -36,25 +36,74 @@ def make_layer(shape, dtype=torch.float32):
     return layer.to(dtype)
 
 
-class FakeSDModel(torch.nn.Module):
-    """``model.diffusion_model`` (UNet paths) and ``cond_stage_model.wrapped.transformer`` (SD1 CLIP paths)."""
+def te2_layer_ids(blocks, width):
+    """HF-style ids of an OpenCLIP (SDXL TE2) block set: what a kohya file names ``lora_te2_...``."""
+    out = []
+    for i in range(blocks):
+        base = f"te2:text_model.encoder.layers.{i}"
+        out += [(f"{base}.self_attn.{x}_proj", (width, width)) for x in ("q", "k", "v", "out")]
+        out += [(f"{base}.mlp.fc1", (4 * width, width)), (f"{base}.mlp.fc2", (width, 4 * width))]
+    return out
 
-    def __init__(self, layers, dtype=torch.float32, seed=1234):
+
+class _ResBlock(torch.nn.Module):
+    """An OpenCLIP residual block's LoRA-bearing parts: a real ``nn.MultiheadAttention`` (fused in_proj) + MLP."""
+
+    def __init__(self, width, dtype):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(width, 2, batch_first=True).to(dtype)
+        torch.nn.init.normal_(self.attn.out_proj.bias)  # nonzero, so a bias mix-up would show
+        self.mlp = torch.nn.Module()
+        self.mlp.c_fc = make_layer((4 * width, width), dtype)
+        self.mlp.c_proj = make_layer((width, 4 * width), dtype)
+
+
+class FakeSDModel(torch.nn.Module):
+    """``model.diffusion_model`` (UNet paths) and ``cond_stage_model.wrapped.transformer`` (SD1 CLIP paths).
+
+    ``te2=(blocks, width)`` makes it SDXL-like: ``conditioner.embedders[0]`` holds the CLIP-L layers (names
+    ``0_transformer_...``) and ``embedders[1]`` an OpenCLIP ``model.transformer.resblocks`` stack (names
+    ``1_model_transformer_resblocks_N_attn`` for the attention module, ``..._mlp_c_fc``)."""
+
+    def __init__(self, layers, dtype=torch.float32, seed=1234, te2=None):
         super().__init__()
         torch.manual_seed(seed)
         self.model = torch.nn.Module()
         self.model.diffusion_model = torch.nn.Module()
-        self.cond_stage_model = torch.nn.Module()
-        self.cond_stage_model.wrapped = torch.nn.Module()
-        self.cond_stage_model.wrapped.transformer = torch.nn.Module()
+        self.is_sdxl = te2 is not None
+        te_root = torch.nn.Module()
+        te_root.wrapped = torch.nn.Module()
+        te_root.wrapped.transformer = torch.nn.Module()
+        self.attn_layers = []
+        if self.is_sdxl:
+            self.conditioner = torch.nn.Module()
+            clip_g = torch.nn.Module()
+            clip_g.wrapped = torch.nn.Module()
+            clip_g.wrapped.model = torch.nn.Module()
+            clip_g.wrapped.model.transformer = torch.nn.Module()
+            blocks, width = te2
+            resblocks = torch.nn.ModuleList([_ResBlock(width, dtype) for _ in range(blocks)])
+            clip_g.wrapped.model.transformer.resblocks = resblocks
+            self.conditioner.embedders = torch.nn.ModuleList([te_root, clip_g])
+            self.attn_layers = [b.attn for b in resblocks]
+        else:
+            self.cond_stage_model = te_root
         for layer_id, shape in layers:
             component, path = layer_id.split(":", 1)
-            root = self.model.diffusion_model if component == "unet" else self.cond_stage_model.wrapped.transformer
+            root = self.model.diffusion_model if component == "unet" else te_root.wrapped.transformer
             _add(root, path, make_layer(shape, dtype))
         self.unet_layers = [
             m for m in self.model.diffusion_model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
         ]
-        self.te_layers = [m for m in self.cond_stage_model.wrapped.modules() if isinstance(m, torch.nn.Linear)]
+        te_parts = self.conditioner.embedders if self.is_sdxl else [te_root]
+        # out_proj of an attention module is a Linear the attention never calls: not a layer of its own
+        skip = {id(a.out_proj) for a in self.attn_layers}
+        self.te_layers = [
+            m
+            for part in te_parts
+            for m in part.wrapped.modules()
+            if isinstance(m, torch.nn.Linear) and id(m) not in skip
+        ]
         self.te_calls = 0
 
     @staticmethod
@@ -75,10 +124,23 @@ class FakeSDModel(torch.nn.Module):
         with torch.no_grad():
             for layer in self.te_layers:
                 self._call(layer)
-            return {layer.network_layer_name: layer.weight.detach().clone() for layer in self.te_layers}
+            for attn in self.attn_layers:
+                x = torch.full((1, 2, attn.embed_dim), 0.1, dtype=attn.in_proj_weight.dtype)
+                networks.network_MultiheadAttention_forward(attn, x, x, x, need_weights=False)
+            return self._te_weights()
+
+    def _te_weights(self):
+        out = {layer.network_layer_name: layer.weight.detach().clone() for layer in self.te_layers}
+        for attn in self.attn_layers:
+            out[attn.network_layer_name + ":in_proj"] = attn.in_proj_weight.detach().clone()
+            out[attn.network_layer_name + ":out_proj"] = attn.out_proj.weight.detach().clone()
+            out[attn.network_layer_name + ":out_bias"] = attn.out_proj.bias.detach().clone()
+        return out
 
     def weights(self):
-        return {m.network_layer_name: m.weight.detach().clone() for m in self.unet_layers + self.te_layers}
+        out = {m.network_layer_name: m.weight.detach().clone() for m in self.unet_layers}
+        out.update(self._te_weights())
+        return out
 
 
 def layer_specs(scope="all"):
@@ -95,13 +157,13 @@ def write_lora(path, layers, *, rank=2, alpha=1.0, seed=0, scale=1.0, alias=None
 class FakeHost:
     """One fake WebUI: model, LoRA folder, txt2img/img2img script runners with the real K-LoRA Script."""
 
-    def __init__(self, tmp_path, *, dtype=torch.float32, model_layers=None):
+    def __init__(self, tmp_path, *, dtype=torch.float32, model_layers=None, te2=None):
         self.tmp = Path(tmp_path)
         self.lora_dir = self.tmp / "Lora"
         self.lora_dir.mkdir(parents=True, exist_ok=True)
         shared.cmd_opts.lora_dir = str(self.lora_dir)
         specs = model_layers or layer_specs()
-        self.model = FakeSDModel(specs, dtype=dtype)
+        self.model = FakeSDModel(specs, dtype=dtype, te2=te2)
         shared.sd_model = self.model
         networks.assign_network_names_to_compvis_modules(self.model)
         self.pristine = self.model.weights()
@@ -110,6 +172,8 @@ class FakeHost:
         # "other" (a prompt LoRA) patches the attention layers.
         unet = [(i, s) for i, s in specs if i.startswith("unet:")]
         te = [(i, s) for i, s in specs if i.startswith("te1:")]
+        if te2 is not None:
+            te = te + te2_layer_ids(*te2)  # content and style both patch every TE2 q/k/v/out and MLP layer
         attention = [(i, s) for i, s in unet if ".attn" in i]
         self.paths = {
             "content": write_lora(

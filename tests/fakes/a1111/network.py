@@ -5,6 +5,8 @@ import json
 import os
 import struct
 
+import torch
+
 
 def _safetensors_metadata(filename):
     try:
@@ -74,7 +76,10 @@ class NetworkModule:
         self.network_key = weights.network_key
         self.sd_key = weights.sd_key
         self.sd_module = weights.sd_module
-        self.shape = self.sd_module.weight.shape
+        if isinstance(self.sd_module, torch.nn.MultiheadAttention):
+            self.shape = self.sd_module.out_proj.weight.shape  # the builtin assumes q/k/v/out are all this shape
+        else:
+            self.shape = self.sd_module.weight.shape
         self.dim = None
         self.bias = weights.w.get("bias")
         self.alpha = weights.w["alpha"].item() if "alpha" in weights.w else None

@@ -3,9 +3,16 @@
 Merge semantics (research notes §1.5, §1.8): a layer is recomputed at its forward iff its ``network_current_names``
 differs from ``wanted_names`` = (name, te, unet, dyn_dim) of every loaded network; recomputing restores the weight
 from the CPU backup made at the first merge and adds every loaded network's ``calc_updown`` in list order.
+
+``nn.MultiheadAttention`` (SDXL's OpenCLIP text encoder) as the v1.10 builtin handles it: LoRA keys
+``..._attn_q_proj/_k_proj/_v_proj`` have no module of their own and are matched to the parent attention module
+(``re_x_proj``), ``..._attn_out_proj`` to the child ``out_proj`` Linear (which the attention never calls); the merge
+happens at the attention module's forward, only when a network has all four, into ``in_proj_weight`` (q/k/v row
+chunks) and ``out_proj.weight``; its backup is the pair (in_proj_weight, out_proj.weight).
 """
 
 import os
+import re
 
 import network
 import network_lora
@@ -23,6 +30,7 @@ loaded_networks: list = []
 networks_in_memory: dict = {}
 originals = None  # the real module holds the torch patches here; the fake calls the forwards directly
 errors: dict = {}
+re_x_proj = re.compile(r"(.*)_([qkv]_proj)$")
 merge_log: list[str] = []  # layer names, one per recompute
 
 
@@ -62,10 +70,17 @@ def list_available_networks():
 # ---- names on the model -------------------------------------------------------------------------------------------
 def assign_network_names_to_compvis_modules(sd_model):
     mapping = {}
-    for name, module in sd_model.cond_stage_model.wrapped.named_modules():
-        key = name.replace(".", "_")
-        mapping[key] = module
-        module.network_layer_name = key
+    if getattr(sd_model, "is_sdxl", False):
+        for i, embedder in enumerate(sd_model.conditioner.embedders):
+            for name, module in embedder.wrapped.named_modules():
+                key = f"{i}_{name.replace('.', '_')}"
+                mapping[key] = module
+                module.network_layer_name = key
+    else:
+        for name, module in sd_model.cond_stage_model.wrapped.named_modules():
+            key = name.replace(".", "_")
+            mapping[key] = module
+            module.network_layer_name = key
     for name, module in sd_model.model.named_modules():
         key = name.replace(".", "_")
         mapping[key] = module
@@ -79,6 +94,10 @@ def _convert(key):
         return "diffusion_model_" + key[len("lora_unet_") :]
     if key.startswith("lora_te_text_model"):
         return "transformer_" + key[len("lora_te_") :]
+    m = re.match(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", key)
+    if m:
+        tail = m[2].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
+        return f"1_model_transformer_resblocks_{m[1]}_{tail}"
     return key
 
 
@@ -97,6 +116,10 @@ def load_network(name, network_on_disk):
         module_key, _, part = key_network.partition(".")
         key = _convert(module_key)
         sd_module = model.network_layer_mapping.get(key)
+        if sd_module is None:
+            m = re_x_proj.match(key)
+            if m:
+                sd_module = model.network_layer_mapping.get(m[1])  # q/k/v of a MultiheadAttention: the parent
         if sd_module is None and module_key.startswith("lora_te1_text_model"):
             key = "0_transformer_" + module_key[len("lora_te1_") :]
             sd_module = model.network_layer_mapping.get(key)
@@ -153,10 +176,39 @@ def network_restore_weights_from_backup(self):
     bias_backup = getattr(self, "network_bias_backup", None)
     if backup is None and bias_backup is None:
         return
+    mha = isinstance(self, torch.nn.MultiheadAttention)
     if backup is not None:
-        self.weight.copy_(backup)
+        if mha:
+            self.in_proj_weight.copy_(backup[0])
+            self.out_proj.weight.copy_(backup[1])
+        else:
+            self.weight.copy_(backup)
     if bias_backup is not None:
-        self.bias.copy_(bias_backup)
+        (self.out_proj.bias if mha else self.bias).copy_(bias_backup)
+
+
+def _backup(self):
+    if isinstance(self, torch.nn.MultiheadAttention):
+        return self.in_proj_weight.to(devices.cpu, copy=True), self.out_proj.weight.to(devices.cpu, copy=True)
+    return self.weight.to(devices.cpu, copy=True)
+
+
+def _bias_backup(self):
+    bias = self.out_proj.bias if isinstance(self, torch.nn.MultiheadAttention) else self.bias
+    return bias.to(devices.cpu, copy=True) if bias is not None else None
+
+
+def _merge_mha(self, net, name):
+    """The builtin's parent-attention merge: all four of q/k/v/out from one network, or nothing."""
+    parts = [net.modules.get(f"{name}_{x}") for x in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    if not all(parts):
+        return
+    with torch.no_grad():
+        chunks = self.in_proj_weight.chunk(3, 0)
+        qkv = torch.vstack([m.calc_updown(w)[0] for m, w in zip(parts[:3], chunks)])
+        out, _ = parts[3].calc_updown(self.out_proj.weight)
+        self.in_proj_weight += qkv
+        self.out_proj.weight += out
 
 
 def network_apply_weights(self):
@@ -168,15 +220,17 @@ def network_apply_weights(self):
     if getattr(self, "network_weights_backup", None) is None and wanted != ():
         if current != ():
             raise RuntimeError(f"{name} - no backup weights found and current weights are not unchanged")
-        self.network_weights_backup = self.weight.to(devices.cpu, copy=True)
+        self.network_weights_backup = _backup(self)
     if getattr(self, "network_bias_backup", None) is None and wanted != ():
-        self.network_bias_backup = self.bias.to(devices.cpu, copy=True) if self.bias is not None else None
+        self.network_bias_backup = _bias_backup(self)
     if current != wanted:
         merge_log.append(name)
         network_restore_weights_from_backup(self)
         for net in loaded_networks:
             module = net.modules.get(name)
             if module is None:
+                if isinstance(self, torch.nn.MultiheadAttention):
+                    _merge_mha(self, net, name)
                 continue
             try:
                 with torch.no_grad():
@@ -228,6 +282,11 @@ def network_Conv2d_forward(self, input):
         return network_forward(self, input, _conv)
     network_apply_weights(self)
     return _conv(self, input)
+
+
+def network_MultiheadAttention_forward(self, *args, **kwargs):
+    network_apply_weights(self)  # the builtin merges here in lora_functional mode too
+    return torch.nn.MultiheadAttention.forward(self, *args, **kwargs)
 
 
 def network_Linear_load_state_dict(self, *args, **kwargs):
