@@ -71,8 +71,11 @@ class Session:
     def plan_layer_ids(self) -> tuple[str, ...]:
         return switched_ids(self.scores, self.args)
 
-    def plan_for_pass(self, steps: int, *, kind: str = "first", denoise: float | None = None) -> Plan:
-        """kind: "first" (txt2img), "img2img" (first pass from an init image) or "hires" (a later pass)."""
+    def plan_for_pass(
+        self, steps: int, *, kind: str = "first", denoise: float | None = None, counter_start: int = 0
+    ) -> Plan:
+        """kind: "first" (txt2img), "img2img" (first pass from an init image) or "hires" (a later pass).
+        counter_start: the authors' call counter before this pass (used by the ``reference-literal`` clock only)."""
         policy = self.args.hires if kind in ("hires", "img2img") else "restart"
         if policy == "keep" and kind == "hires" and self.first_plan is not None:
             key = ("keep", steps)
@@ -82,9 +85,13 @@ class Session:
         window = (0.0, 1.0)
         if policy == "continue" and denoise is not None and 0.0 < denoise < 1.0:
             window = (1.0 - denoise, denoise)  # the pass starts that far into the noise schedule
-        key = ("build", steps, window)
+        key: tuple = ("build", steps, window)
+        if self.args.clock == "reference-literal":
+            key += (counter_start,)  # their counter runs on from pass to pass: each pass has its own plan
         if key not in self.plans:
-            self.plans[key] = Plan.build(self.scores, self.args, steps, seed=self.seed, window=window)
+            self.plans[key] = Plan.build(
+                self.scores, self.args, steps, seed=self.seed, window=window, counter_start=counter_start
+            )
         plan = self.plans[key]
         if kind != "hires" and self.first_plan is None:
             self.first_plan = plan
@@ -100,11 +107,13 @@ class PassController:
         self.applied: np.ndarray | None = None
         self.last_step: int | None = None
         self.passes = 0
+        self.calls = 0  # K-LoRA layer calls so far in this run, as the authors' never-reset counter sees them
 
     def begin_pass(self, steps: int, *, kind: str = "first", denoise: float | None = None) -> list[Change]:
         """Start a pass; returns the changes that bring the plan's layers to their step-0 roles (relative to what
         this controller applied before; all plan layers on the first pass)."""
-        self.plan = self.session.plan_for_pass(steps, kind=kind, denoise=denoise)
+        self.plan = self.session.plan_for_pass(steps, kind=kind, denoise=denoise, counter_start=self.calls)
+        self.calls += self.plan.steps * len(self.plan.layer_ids)
         self.passes += 1
         self.last_step = None
         return self.advance(0)
