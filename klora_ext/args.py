@@ -96,7 +96,7 @@ def coerce(field: Field, value: Any) -> Any:
             raise _bad(field, value, f"must be a number from {field.lo} to {field.hi}")
         try:
             number = float(value.strip()) if isinstance(value, str) else float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer beyond float range
             raise _bad(field, value, f"must be a number from {field.lo} to {field.hi}") from None
         low_ok = number > field.lo if field.lo_open else number >= field.lo
         if not math.isfinite(number) or not low_ok or number > field.hi:
@@ -135,7 +135,16 @@ class KLoraArgs:
 
     def __post_init__(self) -> None:
         for field in FIELDS:
-            object.__setattr__(self, field.name, coerce(field, getattr(self, field.name)))
+            value = getattr(self, field.name)
+            if field.name == "gamma" and self.gamma_mode != "manual":
+                # the Gamma box only counts in manual mode: an emptied box (None) or a 0 there must not stop a run
+                try:
+                    value = coerce(field, value)
+                except KLoraError:
+                    value = field.default
+                object.__setattr__(self, field.name, value)
+                continue
+            object.__setattr__(self, field.name, coerce(field, value))
         if self.schedule == "s*" and self.alpha <= 0:
             msg = "[K-LoRA] the 's*' schedule takes the scale modulo alpha, so 'alpha' must be > 0"
             raise KLoraError(msg)
@@ -171,6 +180,17 @@ class KLoraArgs:
             msg = "[K-LoRA] a dict argument must be the only (first) K-LoRA argument"
             raise KLoraError(msg)
         return cls.from_positional(values)
+
+    @staticmethod
+    def enabled_in(values: Sequence[Any]) -> bool:
+        """Only the "enabled" value of Script args (dict or positional form), read without checking the other
+        fields: a disabled K-LoRA must never stop a generation over a value it does not use."""
+        values = list(values)
+        if not values:
+            return False
+        first = values[0]
+        raw = first.get("enabled", False) if isinstance(first, Mapping) else first
+        return bool(coerce(FIELD_BY_NAME["enabled"], raw))
 
     def replace(self, **changes: Any) -> KLoraArgs:
         unknown = sorted(set(changes) - set(FIELD_NAMES))

@@ -127,8 +127,8 @@ def compute_scores(
     shared = sorted(set(content.layers) & set(style.layers), key=keys.forward_order_key)
     if not shared:
         msg = (
-            f"[K-LoRA] '{content.name}' and '{style.name}' patch no common layer "
-            f"({content.arch} vs {style.arch}?): are both LoRAs for the same base model?"
+            f"[K-LoRA] '{content.name}' and '{style.name}' patch no common layer (detected: {content.arch}, "
+            f"{style.arch}): K-LoRA needs two LoRAs that train the same layers of the same base model"
         )
         raise KLoraError(msg)
     scores = []

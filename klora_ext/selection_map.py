@@ -1,15 +1,19 @@
-"""Render a K-LoRA plan (T steps x L layers of roles) as a picture, like the paper's Fig. 6.
-
-Host-free: numpy + the stdlib only. Text comes from a built-in 5x7 bitmap font (with two descender rows) and the
-PNG is written by `klora_ext.png`, so the map can be produced by the CLI without Pillow.
+"""Render a K-LoRA plan (T steps x L layers of roles) as a picture with Pillow, like the paper's Fig. 6.
 
 Picture: x axis = layers in the given order, y axis = denoising steps (row 0 at the top = first step). Each cell is
 coloured by its role: content (orange), style (blue), both (purple), none (grey). Layer groups ("IN4", "MID",
-"OUT3" ...) are separated by thin gaps and labelled under the grid.
+"OUT3" ...) are separated by thin gaps, marked by ticks and labelled under the grid. Under the map a small curve shows
+the share of layers that use the content LoRA at each step.
+
+Host-free: numpy and Pillow (every WebUI ships Pillow; the CLI's install line names it). Text uses a real TrueType
+font where one is found (``KLORA_FONT``, the WebUI's or the system's DejaVu / Noto / Arial ...), Pillow's own font
+otherwise. The cells are exact pixels (no anti-aliasing): ``layout_for`` says where each cell is.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -20,20 +24,16 @@ import numpy as np
 
 from . import __version__
 from .errors import KLoraError
-from .png import encode_png
 
 __all__ = [
     "COLORS",
-    "GLYPH_H",
-    "GLYPH_W",
     "Layout",
-    "draw_text",
+    "content_share",
+    "find_font",
     "layout_for",
     "map_png_bytes",
     "render_map",
     "save_map_png",
-    "text_mask",
-    "text_size",
 ]
 
 # Role codes (same ints as the plan's map).
@@ -48,223 +48,119 @@ COLORS: dict[int, tuple[int, int, int]] = {
 }
 BACKGROUND = (255, 255, 255)
 INK = (0x22, 0x22, 0x22)  # text, ticks, frame
-MUTED = (0x66, 0x66, 0x66)  # secondary text (info lines, tick labels)
-LEADER = (0xAA, 0xAA, 0xAA)  # leader lines to second-row group labels
+MUTED = (0x66, 0x66, 0x66)  # secondary text
+LIGHT = (0xDD, 0xDD, 0xDD)  # curve grid lines
 
-MAX_WIDTH = 2000  # image width cap (px)
+MAX_WIDTH = 2400  # image width cap (px)
 MAX_GRID_H = 1500  # steps beyond this many px are averaged into rows
-_TARGET_GRID_W = 1200  # automatic column width aims at about this grid width
-_TARGET_GRID_H = 480
+_TARGET_GRID_W = 1100  # automatic column width aims at about this grid width
+_TARGET_GRID_H = 420
 _MAX_CELL_W = 24
 _MAX_CELL_H = 16
+_MIN_CELL_H = 2
+LARGE_LAYERS = 400  # SDXL / Flux layer counts: 2 px columns and larger text
 
 # --------------------------------------------------------------------------------------------------------------------
-# Bitmap font. Each glyph: rows of 5 pixels ('#' on), top to bottom; rows 0-6 sit above the baseline, rows 7-8 are
-# for descenders (g, j, p, q, y, comma ...). Glyphs given with 7 rows are padded with blank descender rows.
-GLYPH_W, GLYPH_H = 5, 9
-_ADVANCE = GLYPH_W + 1  # one blank column between characters
-_LINE_GAP = 2
+# Fonts
 
-_FONT_DATA: dict[str, str] = {
-    " ": "..... ..... ..... ..... ..... ..... .....",
-    "0": ".###. #...# #..## #.#.# ##..# #...# .###.",
-    "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.",
-    "2": ".###. #...# ....# ...#. ..#.. .#... #####",
-    "3": "##### ...#. ..#.. ...#. ....# #...# .###.",
-    "4": "...#. ..##. .#.#. #..#. ##### ...#. ...#.",
-    "5": "##### #.... ####. ....# ....# #...# .###.",
-    "6": "..##. .#... #.... ####. #...# #...# .###.",
-    "7": "##### ....# ...#. ..#.. .#... .#... .#...",
-    "8": ".###. #...# #...# .###. #...# #...# .###.",
-    "9": ".###. #...# #...# .#### ....# ...#. .##..",
-    "A": ".###. #...# #...# ##### #...# #...# #...#",
-    "B": "####. #...# #...# ####. #...# #...# ####.",
-    "C": ".###. #...# #.... #.... #.... #...# .###.",
-    "D": "###.. #..#. #...# #...# #...# #..#. ###..",
-    "E": "##### #.... #.... ####. #.... #.... #####",
-    "F": "##### #.... #.... ####. #.... #.... #....",
-    "G": ".###. #...# #.... #.### #...# #...# .####",
-    "H": "#...# #...# #...# ##### #...# #...# #...#",
-    "I": ".###. ..#.. ..#.. ..#.. ..#.. ..#.. .###.",
-    "J": "..### ...#. ...#. ...#. ...#. #..#. .##..",
-    "K": "#...# #..#. #.#.. ##... #.#.. #..#. #...#",
-    "L": "#.... #.... #.... #.... #.... #.... #####",
-    "M": "#...# ##.## #.#.# #.#.# #...# #...# #...#",
-    "N": "#...# #...# ##..# #.#.# #..## #...# #...#",
-    "O": ".###. #...# #...# #...# #...# #...# .###.",
-    "P": "####. #...# #...# ####. #.... #.... #....",
-    "Q": ".###. #...# #...# #...# #.#.# #..#. .##.#",
-    "R": "####. #...# #...# ####. #.#.. #..#. #...#",
-    "S": ".#### #.... #.... .###. ....# ....# ####.",
-    "T": "##### ..#.. ..#.. ..#.. ..#.. ..#.. ..#..",
-    "U": "#...# #...# #...# #...# #...# #...# .###.",
-    "V": "#...# #...# #...# #...# #...# .#.#. ..#..",
-    "W": "#...# #...# #...# #.#.# #.#.# #.#.# .#.#.",
-    "X": "#...# #...# .#.#. ..#.. .#.#. #...# #...#",
-    "Y": "#...# #...# .#.#. ..#.. ..#.. ..#.. ..#..",
-    "Z": "##### ....# ...#. ..#.. .#... #.... #####",
-    "a": "..... ..... .###. ....# .#### #...# .####",
-    "b": "#.... #.... #.##. ##..# #...# #...# ####.",
-    "c": "..... ..... .###. #.... #.... #...# .###.",
-    "d": "....# ....# .##.# #..## #...# #...# .####",
-    "e": "..... ..... .###. #...# ##### #.... .###.",
-    "f": "..##. .#..# .#... ###.. .#... .#... .#...",
-    "g": "..... ..... .#### #...# #...# #...# .#### ....# .###.",
-    "h": "#.... #.... #.##. ##..# #...# #...# #...#",
-    "i": "..#.. ..... .##.. ..#.. ..#.. ..#.. .###.",
-    "j": "...#. ..... ..##. ...#. ...#. ...#. ...#. #..#. .##..",
-    "k": "#.... #.... #..#. #.#.. ##... #.#.. #..#.",
-    "l": ".##.. ..#.. ..#.. ..#.. ..#.. ..#.. .###.",
-    "m": "..... ..... ##.#. #.#.# #.#.# #.#.# #.#.#",
-    "n": "..... ..... #.##. ##..# #...# #...# #...#",
-    "o": "..... ..... .###. #...# #...# #...# .###.",
-    "p": "..... ..... ####. #...# #...# #...# ####. #.... #....",
-    "q": "..... ..... .#### #...# #...# #...# .#### ....# ....#",
-    "r": "..... ..... #.##. ##..# #.... #.... #....",
-    "s": "..... ..... .###. #.... .###. ....# ####.",
-    "t": ".#... .#... ###.. .#... .#... .#..# ..##.",
-    "u": "..... ..... #...# #...# #...# #..## .##.#",
-    "v": "..... ..... #...# #...# #...# .#.#. ..#..",
-    "w": "..... ..... #...# #...# #.#.# #.#.# .#.#.",
-    "x": "..... ..... #...# .#.#. ..#.. .#.#. #...#",
-    "y": "..... ..... #...# #...# #...# #...# .#### ....# .###.",
-    "z": "..... ..... ##### ...#. ..#.. .#... #####",
-    ".": "..... ..... ..... ..... ..... .##.. .##..",
-    ",": "..... ..... ..... ..... ..... .##.. .##.. ..#.. .#...",
-    ":": "..... .##.. .##.. ..... .##.. .##.. .....",
-    ";": "..... .##.. .##.. ..... .##.. .##.. ..#.. .#...",
-    "-": "..... ..... ..... ##### ..... ..... .....",
-    "_": "..... ..... ..... ..... ..... ..... ..... #####",
-    "=": "..... ..... ##### ..... ##### ..... .....",
-    "+": "..... ..#.. ..#.. ##### ..#.. ..#.. .....",
-    "(": "...#. ..#.. .#... .#... .#... ..#.. ...#.",
-    ")": ".#... ..#.. ...#. ...#. ...#. ..#.. .#...",
-    "[": ".###. .#... .#... .#... .#... .#... .###.",
-    "]": ".###. ...#. ...#. ...#. ...#. ...#. .###.",
-    "{": "...#. ..#.. ..#.. .#... ..#.. ..#.. ...#.",
-    "}": ".#... ..#.. ..#.. ...#. ..#.. ..#.. .#...",
-    "/": "..... ....# ...#. ..#.. .#... #.... .....",
-    "\\": "..... #.... .#... ..#.. ...#. ....# .....",
-    "%": "##... ##..# ...#. ..#.. .#... #..## ...##",
-    ">": ".#... ..#.. ...#. ....# ...#. ..#.. .#...",
-    "<": "...#. ..#.. .#... #.... .#... ..#.. ...#.",
-    "!": "..#.. ..#.. ..#.. ..#.. ..#.. ..... ..#..",
-    "?": ".###. #...# ....# ...#. ..#.. ..... ..#..",
-    "'": "..#.. ..#.. .#... ..... ..... ..... .....",
-    '"': ".#.#. .#.#. .#.#. ..... ..... ..... .....",
-    "`": ".#... ..#.. ..... ..... ..... ..... .....",
-    "#": ".#.#. .#.#. ##### .#.#. ##### .#.#. .#.#.",
-    "*": "..... ..#.. #.#.# .###. #.#.# ..#.. .....",
-    "|": "..#.. ..#.. ..#.. ..#.. ..#.. ..#.. ..#..",
-    "~": "..... ..... .#... #.#.# ...#. ..... .....",
-    "^": "..#.. .#.#. #...# ..... ..... ..... .....",
-    "@": ".###. #...# #.### #.#.# #.### #.... .####",
-    "&": ".##.. #..#. #.#.. .#... #.#.# #..#. .##.#",
-    "$": "..#.. .#### #.#.. .###. ..#.# ####. ..#..",
-    "α": "..... ..... .##.# #..#. #..#. #..#. .##.#",
-    "β": ".##.. #..#. #..#. ###.. #...# #...# ####. #.... #....",
-    "γ": "..... ..... #...# #...# .#.#. .#.#. ..#.. ..#.. ..#..",
-    "τ": "..... ..... ##### ..#.. ..#.. ..#.. ...##",
-    "≥": ".#... ..#.. ...#. ..#.. .#... ..... #####",
-    "≤": "...#. ..#.. .#... ..#.. ...#. ..... #####",
-    "×": "..... #...# .#.#. ..#.. .#.#. #...# .....",
-    "·": "..... ..... ..... .##.. .##.. ..... .....",
-    "→": "..... ..#.. ...#. ##### ...#. ..#.. .....",
-    "…": "..... ..... ..... ..... ..... ..... #.#.#",
-}
-# Characters drawn with another glyph.
-_ALIASES = {"–": "-", "—": "-", "−": "-", "’": "'", "‘": "'", "“": '"', "”": '"', "\t": " "}
-_FALLBACK = "?"
+_FONT_FILES = (
+    "DejaVuSans.ttf",
+    "NotoSans-Regular.ttf",
+    "LiberationSans-Regular.ttf",
+    "Arial.ttf",
+    "arial.ttf",
+    "segoeui.ttf",
+    "Roboto-Regular.ttf",
+)
+_CJK_FONT_FILES = ("NotoSansCJK-Regular.ttc", "msyh.ttc", "msgothic.ttc", "wqy-microhei.ttc", "Arial Unicode.ttf")
+_FONT_DIRS = (
+    "/usr/share/fonts/truetype/dejavu",
+    "/usr/share/fonts/dejavu",
+    "/usr/share/fonts/TTF",
+    "/usr/share/fonts/truetype/noto",
+    "/usr/share/fonts/opentype/noto",
+    "/usr/share/fonts/noto-cjk",
+    "/usr/share/fonts/truetype/liberation",
+    "/usr/share/fonts/truetype/wqy",
+    "/Library/Fonts",
+    "/System/Library/Fonts/Supplemental",
+    os.path.join(os.environ.get("WINDIR", "C:\\Windows"), "Fonts"),
+)
+_extra_font_dirs: list[str] = []
 
 
-def _build_font() -> dict[str, np.ndarray]:
-    font: dict[str, np.ndarray] = {}
-    for ch, spec in _FONT_DATA.items():
-        rows = spec.split()
-        if len(rows) not in (7, 8, 9) or any(len(r) != GLYPH_W for r in rows):  # static data: a coding error
-            raise RuntimeError(f"bad glyph {ch!r} in the built-in font")
-        rows += ["....."] * (GLYPH_H - len(rows))
-        font[ch] = np.array([[c == "#" for c in r] for r in rows], dtype=bool)
-    return font
+def add_font_dir(folder: str) -> None:
+    """A folder to search for fonts too (the WebUI glue adds the WebUI's own ``modules`` folder: Roboto)."""
+    if folder and folder not in _extra_font_dirs:
+        _extra_font_dirs.append(folder)
+        find_font.cache_clear()
 
 
-FONT: dict[str, np.ndarray] = _build_font()
+def _needs_cjk(text: str) -> bool:
+    return any(ord(ch) >= 0x2E80 for ch in text)
 
 
-def _glyph(ch: str) -> np.ndarray:
-    ch = _ALIASES.get(ch, ch)
-    g = FONT.get(ch)
-    if g is None:
-        g = FONT.get(ch.upper(), FONT[_FALLBACK]) if len(ch.upper()) == 1 else FONT[_FALLBACK]
-    return g
+@functools.lru_cache(maxsize=8)
+def find_font(cjk: bool = False) -> str | None:
+    """Path of the TrueType font to use (``KLORA_FONT`` first), or None for Pillow's built-in font."""
+    env = os.environ.get("KLORA_FONT")
+    if env and os.path.isfile(env):
+        return env
+    names = (_CJK_FONT_FILES + _FONT_FILES) if cjk else _FONT_FILES
+    for name in names:
+        for folder in (*_FONT_DIRS, *_extra_font_dirs):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    return None
 
 
-def text_size(text: str, scale: int = 1) -> tuple[int, int]:
-    """(width, height) in pixels of `text` drawn at `scale` (lines split at '\\n')."""
-    lines = text.split("\n")
-    w = max((len(line) * _ADVANCE - 1 if line else 0) for line in lines)
-    h = len(lines) * (GLYPH_H + _LINE_GAP) - _LINE_GAP
-    return max(w, 0) * scale, h * scale
+def _pil() -> Any:
+    try:
+        from PIL import Image, ImageDraw, ImageFont
+    except ImportError:
+        msg = "[K-LoRA] drawing the selection map needs Pillow: python -m pip install pillow"
+        raise KLoraError(msg) from None
+    return Image, ImageDraw, ImageFont
 
 
-def text_mask(text: str, scale: int = 1) -> np.ndarray:
-    """Boolean (height, width) mask of `text`; True where ink goes."""
-    if scale < 1:
-        raise KLoraError(f"[K-LoRA] text scale must be >= 1, got {scale}")
-    w, h = text_size(text, 1)
-    mask = np.zeros((h, max(w, 0)), dtype=bool)
-    for li, line in enumerate(text.split("\n")):
-        y = li * (GLYPH_H + _LINE_GAP)
-        for ci, ch in enumerate(line):
-            x = ci * _ADVANCE
-            mask[y : y + GLYPH_H, x : x + GLYPH_W] |= _glyph(ch)
-    if scale > 1:
-        mask = mask.repeat(scale, axis=0).repeat(scale, axis=1)
-    return mask
+@functools.lru_cache(maxsize=32)
+def _font(size: int, cjk: bool = False) -> Any:
+    _, _, image_font = _pil()
+    path = find_font(cjk)
+    if path is not None:
+        try:
+            return image_font.truetype(path, size)
+        except OSError:
+            pass
+    try:
+        return image_font.load_default(size)  # Pillow >= 10.1: a scalable built-in font
+    except TypeError:
+        return image_font.load_default()
 
 
-def _blit(img: np.ndarray, x: int, y: int, mask: np.ndarray, color: Sequence[int]) -> None:
-    """Paint `color` where `mask` is True, with the mask's top-left at (x, y); clipped to the image."""
-    h, w = img.shape[:2]
-    mh, mw = mask.shape
-    x0, y0 = max(x, 0), max(y, 0)
-    x1, y1 = min(x + mw, w), min(y + mh, h)
-    if x0 >= x1 or y0 >= y1:
-        return
-    sub = mask[y0 - y : y1 - y, x0 - x : x1 - x]
-    img[y0:y1, x0:x1][sub] = np.asarray(color, dtype=np.uint8)
+def _font_for(text: str, size: int) -> Any:
+    return _font(size, _needs_cjk(text))
 
 
-def draw_text(
-    img: np.ndarray,
-    x: int,
-    y: int,
-    text: str,
-    color: Sequence[int] = INK,
-    scale: int = 1,
-    *,
-    vertical: bool = False,
-) -> tuple[int, int]:
-    """Draw `text` with its top-left corner at (x, y) in place; returns the (width, height) of the drawn box.
+def text_size(text: str, size: int) -> tuple[int, int]:
+    """(width, height) of ``text`` in px at font ``size`` (height: the font's ascent + descent)."""
+    font = _font_for(text, size)
+    left, _, right, _ = font.getbbox(text) if text else (0, 0, 0, 0)
+    ascent, descent = _metrics(font, size)
+    return int(right - min(left, 0)), ascent + descent
 
-    `vertical=True` rotates the text 90 degrees counter-clockwise (reads bottom to top, for a y-axis label).
-    Anything outside the image is clipped. Unknown characters are drawn as '?' (lower-case letters without a glyph
-    fall back to their upper-case form).
-    """
-    mask = text_mask(text, scale)
-    if vertical:
-        mask = np.rot90(mask)
-    _blit(img, int(x), int(y), mask, color)
-    return mask.shape[1], mask.shape[0]
+
+def _metrics(font: Any, size: int) -> tuple[int, int]:
+    try:
+        ascent, descent = font.getmetrics()
+        return int(ascent), int(descent)
+    except AttributeError:
+        return size, size // 4
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Layout
-
-AUTO_TEXT_SCALE_W = 900  # grids at least this wide get double-size text: galleries show wide images shrunk
-_MARGIN = 10
-_TICK = 4  # tick length at text scale 1
-_FRAME = 1  # frame line around the grid, drawn outside it
 
 
 @dataclass(frozen=True)
@@ -272,9 +168,8 @@ class Layout:
     """Where everything of a selection map goes; all coordinates are image pixels, (0, 0) at the top-left.
 
     Layer l occupies columns [col_x0[l], col_x0[l] + col_w) and step t rows [row_y0[t], row_y0[t] + row_h).
-    When the layers (or steps) do not fit, several share one pixel column (row): then `layers_per_px` > 1
-    (`steps_per_px` > 1), `col_w` (`row_h`) is 1 and that column shows the average colour of its layers.
-    Text items are (text, x, y) of the text's top-left corner.
+    When the layers (or steps) do not fit, several share one pixel column (row): then ``layers_per_px`` > 1
+    (``steps_per_px`` > 1), ``col_w`` (``row_h``) is 1 and that column shows the average colour of its layers.
     """
 
     width: int
@@ -290,26 +185,21 @@ class Layout:
     layers_per_px: float
     steps_per_px: float
     gaps: bool  # True when one blank pixel column separates consecutive layer groups
-    text_scale: int
+    scale: int  # 1, or 2 for large maps (text, ticks and margins doubled)
+    font_size: int
     title: tuple[str, int, int] | None
-    title_scale: int
     info: tuple[tuple[str, int, int], ...]
     legend: tuple[tuple[str, int, int, int, int], ...]  # (label, role, swatch x, swatch y, swatch size)
-    x_ticks: tuple[int, ...]  # x of the tick marks under the grid (group starts, or layer indices)
-    x_labels: tuple[tuple[str, int, int], ...]
-    group_marks: tuple[int, ...]  # x of the short marks above the grid at each group boundary
-    leaders: tuple[tuple[int, int, int], ...]  # (x, y0, y1) thin lines from the grid to second-row labels
-    y_ticks: tuple[tuple[int, str], ...]  # (y, step number) of the step ticks left of the grid
-    y_label_x: int  # right edge of the step numbers
-    step_label: tuple[int, int]  # top-left of the vertical "step" axis label
-    layer_label: tuple[int, int]  # top-left of the "layer" axis label
+    x_ticks: tuple[int, ...]  # x of the tick marks under the grid (group boundaries, or layer indices)
+    x_labels: tuple[tuple[str, int, int], ...]  # (text, x, y) top-left
+    y_ticks: tuple[tuple[int, str], ...]  # (y, step number) left of the grid
+    curve_box: tuple[int, int, int, int] | None  # (x0, y0, x1, y1) of the content-share plot area
 
     @property
     def downsampled(self) -> bool:
         return self.layers_per_px > 1 or self.steps_per_px > 1
 
     def cell_center(self, step: int, layer: int) -> tuple[int, int]:
-        """(x, y) of the pixel at the centre of cell (step, layer)."""
         return self.col_x0[layer] + self.col_w // 2, self.row_y0[step] + self.row_h // 2
 
 
@@ -326,46 +216,19 @@ def _group_runs(groups: Sequence[str] | None, n: int) -> list[tuple[int, int, st
     return runs
 
 
-def _tick_interval(count: int, px_per_item: float, min_px: int, max_ticks: int) -> int:
-    """The first of 1, 5, 10, 25, 50, 100, 250, 500, 1000 ... that spaces ticks >= min_px apart, <= max_ticks."""
-    candidates = [1, 5, 10]
-    mult = 10
-    while candidates[-1] < count:
-        candidates += [mult * 5 // 2, mult * 5, mult * 10]
-        mult *= 10
-    for c in candidates:
-        if c * px_per_item >= min_px and count / c <= max_ticks:
-            return c
-    return candidates[-1]
+def _tick_interval(count: int, px_per_item: float, min_px: int) -> int:
+    """The first of 1, 2, 5, 10, 20, 50 ... that spaces ticks at least ``min_px`` apart."""
+    step = 1
+    while True:
+        for mult in (1, 2, 5):
+            if step * mult * px_per_item >= min_px or step * mult >= count:
+                return step * mult
+        step *= 10
 
 
 def _bin_of(n: int, n_px: int) -> np.ndarray:
-    """Pixel index (0..n_px-1) of each of n items when n > n_px items are spread evenly over n_px pixels."""
+    """Pixel index (0..n_px-1) of each of n items spread evenly over n_px pixels."""
     return (np.arange(n) * n_px) // n
-
-
-def _columns(
-    n_layers: int, runs: list[tuple[int, int, str]], cell: int | None, avail_w: int
-) -> tuple[np.ndarray, int, int, float, bool]:
-    """(x offset of each layer, column width, grid width, layers per px, gaps) for the available width."""
-    # An integer width per layer plus a 1 px gap between groups; if even 1 px per layer does not fit, layers are
-    # spread over the available pixels (several per column, averaged) and the gaps are dropped.
-    n_gaps = max(len(runs) - 1, 0)
-    col_w = cell if cell is not None else min(max((_TARGET_GRID_W - n_gaps) // n_layers, 1), _MAX_CELL_W)
-    while col_w > 1 and n_layers * col_w + n_gaps > avail_w:
-        col_w -= 1
-    if n_layers * col_w + n_gaps <= avail_w:
-        starts = np.arange(n_layers) * col_w
-        for gi, (a, b, _) in enumerate(runs):
-            starts[a:b] += gi
-        return starts, col_w, n_layers * col_w + n_gaps, 1.0, n_gaps > 0
-    return _bin_of(n_layers, avail_w), 1, avail_w, n_layers / avail_w, False
-
-
-def _legend_items(present: Sequence[int]) -> list[tuple[str, int]]:
-    items = [(ROLE_NAMES[CONTENT], CONTENT), (ROLE_NAMES[STYLE], STYLE)]
-    items += [(ROLE_NAMES[r], r) for r in (BOTH, NONE) if r in present]
-    return items
 
 
 def layout_for(
@@ -375,50 +238,51 @@ def layout_for(
     groups: Sequence[str] | None = None,
     title: str = "",
     info_lines: Sequence[str] = (),
-    cell: int | None = None,
-    row_height: int | None = None,
-    first_step: int = 0,
-    text_scale: int | None = None,
     legend_roles: Sequence[int] = (CONTENT, STYLE),
+    first_step: int = 0,
+    curve: bool = True,
     max_width: int = MAX_WIDTH,
+    scale: int | None = None,
 ) -> Layout:
-    """Compute the layout `render_map` uses for a T x L map with these labels (see `render_map`).
-
-    `legend_roles`: the role values present; "both" / "none" get a legend entry only when present.
-    """
+    """The layout ``render_map`` uses for a T x L map with these labels."""
     if n_steps < 1 or n_layers < 1:
         raise KLoraError(f"[K-LoRA] selection map needs at least one step and one layer, got {n_steps}x{n_layers}")
-    if cell is not None and cell < 1:
-        raise KLoraError(f"[K-LoRA] selection map cell width must be >= 1 px, got {cell}")
-    if row_height is not None and row_height < 1:
-        raise KLoraError(f"[K-LoRA] selection map row height must be >= 1 px, got {row_height}")
-    if text_scale is not None and not 1 <= text_scale <= 4:
-        raise KLoraError(f"[K-LoRA] selection map text scale must be 1-4, got {text_scale}")
     if groups is not None and len(groups) != n_layers:
         raise KLoraError(f"[K-LoRA] selection map has {n_layers} layer columns but {len(groups)} group labels")
+    if scale is not None and scale not in (1, 2, 3):
+        raise KLoraError(f"[K-LoRA] selection map scale must be 1, 2 or 3, got {scale}")
+    s = scale or (2 if n_layers >= LARGE_LAYERS else 1)
+    fs = 12 * s
+    margin = 12 * s
+    tick = 4 * s
     runs = _group_runs(groups, n_layers)
-    step_numbers = [str(first_step), str(first_step + n_steps - 1)]
-    right = _MARGIN + _FRAME
+    n_gaps = max(len(runs) - 1, 0)
 
-    def left_edge(s: int) -> int:
-        # vertical "step" label, gap, right-aligned step numbers, gap, tick, frame
-        number_w = max(text_size(n, s)[0] for n in step_numbers)
-        return _MARGIN + GLYPH_H * s + 6 * s + number_w + 3 * s + _TICK * s + _FRAME
+    # Left of the grid: the vertical "step" label and the step numbers.
+    number_w = max(text_size(str(first_step + n_steps - 1), fs)[0], text_size(str(first_step), fs)[0])
+    line_h = text_size("Ag", fs)[1]
+    grid_x = margin + line_h + 6 * s + number_w + 4 * s + tick + 1
+    avail_w = max(max_width - grid_x - margin, 16)
 
-    s = text_scale or 1
-    grid_x = left_edge(s)
-    starts, col_w, grid_w, layers_per_px, gaps = _columns(n_layers, runs, cell, max(max_width - grid_x - right, 16))
-    if text_scale is None and grid_w >= AUTO_TEXT_SCALE_W:
-        s = 2
-        grid_x = left_edge(s)
-        starts, col_w, grid_w, layers_per_px, gaps = _columns(
-            n_layers, runs, cell, max(max_width - grid_x - right, 16)
-        )
-    tick = _TICK * s
-    line_h = (GLYPH_H + 4) * s  # pitch of text lines
+    # Columns: an integer width per layer (2 px at least for large maps) and a 1 px gap between groups.
+    min_w = 2 if n_layers >= LARGE_LAYERS else 1
+    col_w = min(max((_TARGET_GRID_W * s // 2 if s > 1 else _TARGET_GRID_W) // n_layers, min_w), _MAX_CELL_W)
+    while col_w > 1 and n_layers * col_w + n_gaps > avail_w:
+        col_w -= 1
+    gaps = col_w >= 2 and n_gaps > 0
+    if n_layers * col_w + (n_gaps if gaps else 0) <= avail_w:
+        starts = np.arange(n_layers) * col_w
+        if gaps:
+            for gi, (a, b, _) in enumerate(runs):
+                starts[a:b] += gi
+        grid_w = n_layers * col_w + (n_gaps if gaps else 0)
+        layers_per_px = 1.0
+    else:
+        col_w, grid_w, gaps = 1, avail_w, False
+        starts, layers_per_px = _bin_of(n_layers, avail_w), n_layers / avail_w
 
-    # Rows: an integer height per step; steps are averaged into pixel rows only beyond MAX_GRID_H.
-    row_h = row_height if row_height is not None else min(max(_TARGET_GRID_H // n_steps, 1), _MAX_CELL_H)
+    # Rows.
+    row_h = min(max(_TARGET_GRID_H * (s if s > 1 else 1) // n_steps, _MIN_CELL_H), _MAX_CELL_H * s)
     while row_h > 1 and n_steps * row_h > MAX_GRID_H:
         row_h -= 1
     if n_steps * row_h <= MAX_GRID_H:
@@ -427,92 +291,78 @@ def layout_for(
         row_h, grid_h = 1, MAX_GRID_H
         rows, steps_per_px = _bin_of(n_steps, grid_h), n_steps / grid_h
 
-    # Header: title (larger), info lines, legend.
-    y = _MARGIN
+    # Header: title, info lines, legend.
+    y = margin
     header_w = 0
-    title_scale = s + 1
     title_item = None
     if title:
-        title_item = (title, _MARGIN, y)
-        tw, th = text_size(title, title_scale)
+        title_item = (title, margin, y)
+        tw, th = text_size(title, fs + 4 * s)
         header_w = max(header_w, tw)
-        y += th + 2 * s
+        y += th + 4 * s
     info = []
     for line in info_lines:
-        info.append((line, _MARGIN, y))
-        header_w = max(header_w, text_size(line, s)[0])
-        y += line_h
-    y += 2 * s
-    legend: list[tuple[str, int, int, int, int]] = []
-    swatch = 10 * s
-    lx = _MARGIN
-    for label, role in _legend_items(legend_roles):
+        info.append((line, margin, y))
+        header_w = max(header_w, text_size(line, fs)[0])
+        y += line_h + 2 * s
+    y += 4 * s
+    legend = []
+    swatch = 12 * s
+    lx = margin
+    present = [CONTENT, STYLE] + [r for r in (BOTH, NONE) if r in legend_roles]
+    for role in present:
+        label = ROLE_NAMES[role]
         legend.append((label, role, lx, y, swatch))
-        lx += swatch + 4 * s + text_size(label, s)[0] + 14 * s
-    header_w = max(header_w, lx - 14 * s - _MARGIN)
+        lx += swatch + 5 * s + text_size(label, fs)[0] + 16 * s
+    header_w = max(header_w, lx - margin)
     y += swatch + 10 * s
-    grid_y = y + _FRAME
+    grid_y = y + 1
 
-    plot_w = grid_x + grid_w + right
-    width = min(max(plot_w, _MARGIN + header_w + _MARGIN), max(max_width, plot_w))
+    width = max(grid_x + grid_w + margin, margin + header_w + margin)
     col_x0 = tuple(int(grid_x + v) for v in starts)
     row_y0 = tuple(int(grid_y + v) for v in rows)
 
-    # Under the grid: ticks and labels.
-    below = grid_y + grid_h + _FRAME
+    # Under the grid: ticks at group boundaries with the labels centred under the groups (a second row for labels
+    # that would overlap, skipped when both rows are taken there), or layer indices without groups.
+    below = grid_y + grid_h + 1
     label_top = below + tick + 2 * s
     x_ticks: list[int] = []
     x_labels: list[tuple[str, int, int]] = []
-    group_marks: list[int] = []
-    leaders: list[tuple[int, int, int]] = []
-    upper: list[tuple[int, int]] = []
-    lower: list[tuple[int, int]] = []
-    n_rows = 1
+    n_label_rows = 1
     if runs:
-        # A tick at each group start (in the gap when there is one) and the label centred under the group; a label
-        # that would overlap its neighbour goes to a second row, and is skipped when both rows are taken there.
         row_end = [-(10**9), -(10**9)]
         for a, b, label in runs:
             x_start, x_end = col_x0[a], col_x0[b - 1] + col_w
-            edge = x_start - 1 if gaps and a > 0 else x_start
-            x_ticks.append(edge)
-            if a > 0:
-                group_marks.append(edge)
-            w = text_size(label, s)[0]
+            x_ticks.append(x_start - 1 if gaps and a > 0 else x_start)
+            w = text_size(label, fs)[0]
             lx = min(max((x_start + x_end) // 2 - w // 2, 0), width - w)
             for r in (0, 1):
-                if lx >= row_end[r] + 3 * s:
-                    x_labels.append((label, lx, label_top + r * line_h))
+                if lx >= row_end[r] + 4 * s:
+                    x_labels.append((label, lx, label_top + r * (line_h + 2 * s)))
                     row_end[r] = lx + w
-                    n_rows = max(n_rows, r + 1)
-                    if r == 1:
-                        lower.append((lx + w // 2, label_top + line_h))
-                    else:
-                        upper.append((lx - 2 * s, lx + w + 2 * s))
+                    n_label_rows = max(n_label_rows, r + 1)
                     break
-        x_ticks.append(min(col_x0[-1] + col_w, width - 1))  # close the last group
-        # A thin leader from the grid down to each second-row label, where it does not cross a first-row label.
-        for cx, ly in lower:
-            if not any(a <= cx <= b for a, b in upper):
-                leaders.append((cx, below + tick, ly - 2 * s))
+        x_ticks.append(col_x0[-1] + col_w - 1)
     else:
-        number_w = text_size(str(n_layers), s)[0]
-        interval = _tick_interval(n_layers, grid_w / n_layers, number_w + 8 * s, 20)
+        interval = _tick_interval(n_layers, grid_w / n_layers, text_size(str(n_layers), fs)[0] + 10 * s)
         for i in range(0, n_layers, interval):
             x = col_x0[i] + col_w // 2
             x_ticks.append(x)
-            w = text_size(str(i), s)[0]
+            w = text_size(str(i), fs)[0]
             x_labels.append((str(i), min(max(x - w // 2, 0), width - w), label_top))
-    layer_w = text_size("layer", s)[0]
-    layer_label = (grid_x + grid_w // 2 - layer_w // 2, label_top + n_rows * line_h + 2 * s)
-    height = layer_label[1] + GLYPH_H * s + _MARGIN
+    y = label_top + n_label_rows * (line_h + 2 * s) + 2 * s
+    x_labels.append(("layer", grid_x + grid_w // 2 - text_size("layer", fs)[0] // 2, y))
+    y += line_h + 8 * s
 
-    # Left of the grid: step ticks every 1, 5, 10, 25 ... steps, numbers right-aligned, the vertical axis label.
-    interval = _tick_interval(n_steps, grid_h / n_steps, (GLYPH_H + 5) * s, 16)
+    curve_box = None
+    if curve:
+        y += line_h + 4 * s  # the curve's title line
+        curve_box = (grid_x, y, grid_x + min(grid_w, 600 * s), y + 70 * s)
+        y = curve_box[3] + 4 * s + line_h + 2 * s  # step numbers under it
+    height = y + margin
+
+    interval = _tick_interval(n_steps, grid_h / n_steps, line_h + 4 * s)
     y_ticks = tuple((row_y0[t] + row_h // 2, str(first_step + t)) for t in range(0, n_steps, interval))
-    step_w = text_size("step", s)[0]
-    step_label = (_MARGIN, max(grid_y + grid_h // 2 - step_w // 2, grid_y - 4 * s))
-
     return Layout(
         width=int(width),
         height=int(height),
@@ -527,19 +377,15 @@ def layout_for(
         layers_per_px=float(layers_per_px),
         steps_per_px=float(steps_per_px),
         gaps=bool(gaps),
-        text_scale=s,
+        scale=s,
+        font_size=fs,
         title=title_item,
-        title_scale=title_scale,
         info=tuple(info),
         legend=tuple(legend),
         x_ticks=tuple(x_ticks),
         x_labels=tuple(x_labels),
-        group_marks=tuple(group_marks),
-        leaders=tuple(leaders),
         y_ticks=y_ticks,
-        y_label_x=grid_x - _FRAME - tick - 3 * s,
-        step_label=step_label,
-        layer_label=layer_label,
+        curve_box=curve_box,
     )
 
 
@@ -574,8 +420,13 @@ def _validate(roles: np.ndarray, layer_ids: Sequence[str], groups: Sequence[str]
     return arr.astype(np.int64)
 
 
+def content_share(roles: np.ndarray) -> np.ndarray:
+    """Per step, the share of layers whose content delta is applied (content or both), 0..1."""
+    arr = np.asarray(roles)
+    return ((arr == CONTENT) | (arr == BOTH)).mean(axis=1)
+
+
 def _average_bins(values: np.ndarray, bins: np.ndarray, n_px: int, axis: int) -> np.ndarray:
-    """Mean of `values` over the items that fall into each pixel bin along `axis`."""
     starts = np.searchsorted(bins, np.arange(n_px))
     sums = np.add.reduceat(values, starts, axis=axis)
     counts = np.diff(np.append(starts, len(bins))).astype(np.float64)
@@ -587,9 +438,7 @@ def _average_bins(values: np.ndarray, bins: np.ndarray, n_px: int, axis: int) ->
 def _grid_pixels(roles: np.ndarray, lay: Layout) -> np.ndarray:
     """The (grid_h, grid_w, 3) uint8 picture of the cells, gaps in background colour."""
     table = np.array([COLORS[STYLE], COLORS[CONTENT], COLORS[BOTH], COLORS[NONE]], dtype=np.float64)
-    rgb = table[roles]  # (T, L, 3)
-    n_steps, n_layers = roles.shape
-    # Rows: repeat each step row_h times, or average steps into pixel rows.
+    rgb = table[roles]
     if lay.steps_per_px > 1:
         rgb = _average_bins(rgb, np.asarray(lay.row_y0) - lay.grid_y, lay.grid_h, axis=0)
     else:
@@ -612,95 +461,126 @@ def render_map(
     groups: Sequence[str] | None = None,
     title: str = "",
     info_lines: Sequence[str] = (),
-    cell: int | None = None,
-    row_height: int | None = None,
     first_step: int = 0,
-    text_scale: int | None = None,
+    curve: bool = True,
     max_width: int = MAX_WIDTH,
-) -> np.ndarray:
-    """Draw the selection map of a plan and return it as an (H, W, 3) uint8 RGB image.
+    scale: int | None = None,
+) -> Any:
+    """Draw the selection map of a plan; returns an RGB ``PIL.Image.Image``.
 
     roles: T x L ints, 1 content, 0 style, 2 both, 3 none (bool is read as content/style); row 0 = first step.
-    layer_ids: the L layer ids, in the order of the columns (only their count is used: the picture has no room
-        for ids; pass `groups` for readable ticks).
-    groups: optional group label per layer ("IN4", "MID", "OUT3" ...): separators, ticks and labels per group.
-    title / info_lines: a large first line and free text lines above the map (e.g. "gamma=1.23 alpha=1.5").
-    cell / row_height: column width / row height in px (automatic when None; the width shrinks to fit
-        `max_width`, and beyond 1 px per layer several layers share a column, shown as their average colour).
+    layer_ids: the L layer ids in column order (only their count is used; pass ``groups`` for readable ticks).
+    groups: optional group label per layer ("IN4", "MID", "OUT3" ...): gaps, ticks and labels per group.
+    title / info_lines: a larger first line and free text lines above the map (any Unicode the font has).
     first_step: the number printed for row 0 (0 matches the plan JSON's flip_step).
-    text_scale: 1 or 2 (... 4) times the 5x7 font; automatic (2 for wide maps) when None.
+    curve: add the "content share per step" plot under the map.
+    scale: 1 or 2 (text, margins); automatic (2 from ``LARGE_LAYERS`` layers on) when None.
     """
+    image_mod, draw_mod, _ = _pil()
     arr = _validate(roles, layer_ids, groups)
-    n_steps, n_layers = arr.shape
     lay = layout_for(
-        n_steps,
-        n_layers,
+        *arr.shape,
         groups=groups,
         title=title,
         info_lines=info_lines,
-        cell=cell,
-        row_height=row_height,
-        first_step=first_step,
-        text_scale=text_scale,
         legend_roles=np.unique(arr).tolist(),
+        first_step=first_step,
+        curve=curve,
         max_width=max_width,
+        scale=scale,
     )
-    s = lay.text_scale
-    img = np.empty((lay.height, lay.width, 3), dtype=np.uint8)
-    img[:] = BACKGROUND
+    s, fs = lay.scale, lay.font_size
+    img = image_mod.new("RGB", (lay.width, lay.height), BACKGROUND)
+    draw = draw_mod.Draw(img)
+
+    def text(xy: tuple[int, int], value: str, fill: tuple[int, int, int], size: int = fs) -> None:
+        draw.text(xy, value, fill=fill, font=_font_for(value, size))
 
     if lay.title is not None:
-        text, x, y = lay.title
-        draw_text(img, x, y, text, INK, lay.title_scale)
-    for text, x, y in lay.info:
-        draw_text(img, x, y, text, MUTED, s)
+        value, x, y = lay.title
+        text((x, y), value, INK, fs + 4 * s)
+    for value, x, y in lay.info:
+        text((x, y), value, MUTED)
+    line_h = text_size("Ag", fs)[1]
     for label, role, sx, sy, size in lay.legend:
-        img[sy : sy + size, sx : sx + size] = INK  # dark border keeps light swatches (grey "none") visible
-        img[sy + s : sy + size - s, sx + s : sx + size - s] = COLORS[role]
-        draw_text(img, sx + size + 4 * s, sy + (size - 7 * s) // 2, label, INK, s)
+        draw.rectangle((sx, sy, sx + size - 1, sy + size - 1), fill=COLORS[role], outline=INK)
+        text((sx + size + 5 * s, sy + (size - line_h) // 2), label, INK)
 
-    # Grid, frame, marks.
-    img[lay.grid_y : lay.grid_y + lay.grid_h, lay.grid_x : lay.grid_x + lay.grid_w] = _grid_pixels(arr, lay)
-    x0, x1 = lay.grid_x - _FRAME, lay.grid_x + lay.grid_w
-    y0, y1 = lay.grid_y - _FRAME, lay.grid_y + lay.grid_h
-    img[[y0, y1], x0 : x1 + 1] = INK
-    img[y0 : y1 + 1, [x0, x1]] = INK
-    tick = _TICK * s
+    img.paste(image_mod.fromarray(_grid_pixels(arr, lay)), (lay.grid_x, lay.grid_y))
+    x0, x1 = lay.grid_x - 1, lay.grid_x + lay.grid_w
+    y0, y1 = lay.grid_y - 1, lay.grid_y + lay.grid_h
+    draw.rectangle((x0, y0, x1, y1), outline=INK)
+    tick = 4 * s
     for x in lay.x_ticks:
-        img[y1 + 1 : y1 + 1 + tick, x] = INK
-    for x in lay.group_marks:
-        img[max(y0 - tick, 0) : y0, x] = INK
-    for x, ya, yb in lay.leaders:
-        img[ya:yb, x] = LEADER
-    for text, x, y in lay.x_labels:
-        draw_text(img, x, y, text, INK if groups is not None else MUTED, s)
-    for y, text in lay.y_ticks:
-        img[y, x0 - tick : x0] = INK
-        w = text_size(text, s)[0]
-        draw_text(img, lay.y_label_x - w, y - (7 * s) // 2, text, MUTED, s)  # digit middle on the tick
-    draw_text(img, *lay.step_label, "step", INK, s, vertical=True)
-    draw_text(img, *lay.layer_label, "layer", INK, s)
+        draw.line((x, y1 + 1, x, y1 + tick), fill=INK, width=1)
+    for value, x, y in lay.x_labels:
+        text((x, y), value, INK if (groups is not None or value == "layer") else MUTED)
+    for y, value in lay.y_ticks:
+        draw.line((x0 - tick, y, x0 - 1, y), fill=INK)
+        w = text_size(value, fs)[0]
+        text((x0 - tick - 3 * s - w, y - line_h // 2), value, MUTED)
+    # vertical "step" axis label
+    sw, sh = text_size("step", fs)
+    label = image_mod.new("RGB", (sw + 2, sh + 2), BACKGROUND)
+    draw_mod.Draw(label).text((1, 1), "step", fill=INK, font=_font_for("step", fs))
+    label = label.rotate(90, expand=True)
+    img.paste(label, (12 * s, max(lay.grid_y + lay.grid_h // 2 - label.height // 2, lay.grid_y)))
+
+    if lay.curve_box is not None:
+        _draw_curve(draw, text, lay, content_share(arr), first_step, line_h)
     return img
+
+
+def _draw_curve(draw: Any, text: Any, lay: Layout, share: np.ndarray, first_step: int, line_h: int) -> None:
+    cx0, cy0, cx1, cy1 = lay.curve_box
+    s = lay.scale
+    text((cx0, cy0 - line_h - 4 * s), "content share per step (layers using the content LoRA)", INK)
+    for frac in (0.0, 0.5, 1.0):
+        y = round(cy1 - frac * (cy1 - cy0))
+        draw.line((cx0, y, cx1, y), fill=LIGHT)
+        label = f"{int(frac * 100)}%"
+        w = text_size(label, lay.font_size)[0]
+        text((cx0 - 6 * s - w, y - line_h // 2), label, MUTED)
+    draw.rectangle((cx0, cy0, cx1, cy1), outline=INK)
+    n = len(share)
+    xs = [cx0 + (cx1 - cx0) * (t + 0.5) / n for t in range(n)]
+    ys = [cy1 - float(v) * (cy1 - cy0) for v in share]
+    points = []
+    for t in range(n):  # a step function: each step holds its share for its own width
+        left = cx0 + (cx1 - cx0) * t / n
+        right = cx0 + (cx1 - cx0) * (t + 1) / n
+        points += [(left, ys[t]), (right, ys[t])]
+    draw.line(points, fill=COLORS[CONTENT], width=2 * s)
+    interval = _tick_interval(n, (cx1 - cx0) / n, text_size(str(first_step + n), lay.font_size)[0] + 8 * s)
+    for t in range(0, n, interval):
+        w = text_size(str(first_step + t), lay.font_size)[0]
+        text((round(xs[t]) - w // 2, cy1 + 4 * s), str(first_step + t), MUTED)
 
 
 def map_png_bytes(
     roles: np.ndarray, layer_ids: Sequence[str], *, text: Mapping[str, str] | None = None, **options: Any
 ) -> bytes:
-    """`render_map` (same keyword options) encoded as PNG. tEXt chunks: Software, Title, Description (the info
-    lines), plus `text`."""
+    """``render_map`` (same keyword options) encoded as PNG, with text chunks Software, Title, Description (the
+    info lines) and ``text``."""
+    from PIL import PngImagePlugin
+
     img = render_map(roles, layer_ids, **options)
-    meta: dict[str, str] = {"Software": f"sd-webui-k-lora {__version__}"}
+    meta = PngImagePlugin.PngInfo()
+    entries: dict[str, str] = {"Software": f"sd-webui-k-lora {__version__}"}
     if options.get("title"):
-        meta["Title"] = options["title"]
+        entries["Title"] = options["title"]
     if options.get("info_lines"):
-        meta["Description"] = "\n".join(options["info_lines"])
-    meta.update(text or {})
-    return encode_png(img, text=meta)
+        entries["Description"] = "\n".join(options["info_lines"])
+    entries.update(text or {})
+    for key, value in entries.items():
+        meta.add_itxt(key, value)  # iTXt: UTF-8 (LoRA names may be non-ASCII)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG", pnginfo=meta, optimize=True)
+    return buffer.getvalue()
 
 
 def save_map_png(path: str | os.PathLike[str], roles: np.ndarray, layer_ids: Sequence[str], **options: Any) -> str:
-    """Write the map PNG to `path` (atomically: temp file + rename, so a viewer never sees half a file).
-    Options: those of `map_png_bytes`."""
+    """Write the map PNG to ``path`` atomically (temp file + rename). Options: those of ``map_png_bytes``."""
     data = map_png_bytes(roles, layer_ids, **options)
     target = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(target))

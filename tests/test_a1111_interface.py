@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import types
 
 import pytest
@@ -37,7 +38,7 @@ def test_ui_components_in_fields_order_with_prefixed_ids(webui):
     img = webui.img2img_runner.inputs[webui.img2img_script.args_from]
     assert img.elem_id.startswith("klora_img2img_")
     # LoRA pickers are filled from the WebUI's list; refresh rescans
-    assert set(controls[1].choices) == {"other", "painterly", "subject_v1"}
+    assert controls[1].choices == ["", "other", "painterly", "subject_v1"]  # "" first: empty on a fresh page
     shutil.copy(webui.paths["other"], webui.lora_dir / "late.safetensors")
     refresh = next(b for b in __import__("gradio").created if (b.elem_id or "") == "klora_txt2img_refresh")
     _, fn, _, outputs = refresh.events[0]
@@ -387,3 +388,195 @@ def test_api_endpoints(webui):
     assert routes["/klora/v1/plan/last"]()["steps"] == 3
     assert routes["/klora/v1/cache/clear"]() == {"cleared": 1}
     assert routes["/klora/v1/cache/clear"]() == {"cleared": 0}
+
+
+# ---- issue 11: a disabled K-LoRA never gets in the way; send-to, paste, XYZ labels, API answers -----------------
+def _plain_image(webui, **kw):
+    _, res = webui.generate(None, prompt="x", steps=3, seed=4, **kw)
+    return res.images[0].tensor
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [False, "", 1.0, "", 1.0, 1.5, 0.5, "auto-mean", None],  # the Gamma box emptied
+        [False, "", 1.0, "", 1.0, 1.5, 0.5, "manual", 0],  # a 0 typed there
+        {"enabled": False, "alpha": "fast", "beta": 99},  # an old client resending junk
+        [False, "subject_v1", "heavy"],
+    ],
+)
+def test_disabled_k_lora_with_invalid_fields_never_blocks(webui, payload):
+    from modules import shared
+
+    plain = _plain_image(webui)
+    _, res = webui.generate(payload, prompt="x", steps=3, seed=4)
+    assert not shared.state.interrupted and len(res.images) == 1
+    assert torch.equal(res.images[0].tensor, plain)
+    assert not any(k.startswith("K-LoRA") for k in res.extra_generation_params)
+
+
+def test_gamma_box_only_matters_in_manual_mode(webui):
+    from modules import shared
+
+    _, res = webui.generate({**GOOD, "gamma": None}, prompt="x", steps=3)
+    assert len(res.images) == 1 and not shared.state.interrupted
+    _, res = webui.generate({**GOOD, "gamma_mode": "manual", "gamma": 0}, prompt="x", steps=3)
+    _stopped(webui, res, "'gamma'")
+
+
+def test_disabled_xyz_cell_with_a_bad_ui_value_still_renders(webui):
+    import xyz_grid
+
+    p = webui.make_p([True, "subject_v1", 1.0, "painterly", 1.0, 1.5, 0.5, "auto-mean", None], prompt="x", steps=3)
+    cells = xyz_grid.run_axis(p, "[K-LoRA] Enabled", ["True", "False"])
+    assert [len(res.images) for _, res in cells] == [1, 1]
+
+
+def _controls(webui, img2img=False):
+    runner = webui.img2img_runner if img2img else webui.txt2img_runner
+    script = webui.img2img_script if img2img else webui.txt2img_script
+    return runner.inputs[script.args_from : script.args_to]
+
+
+def test_send_to_img2img_carries_every_k_lora_control(webui):
+    from modules.infotext_utils import send_to
+
+    chosen = KLoraArgs(
+        enabled=True,
+        content="subject_v1",
+        content_weight=0.7,
+        style="painterly",
+        style_weight=1.3,
+        alpha=2.5,
+        beta=0.25,
+        gamma_mode="manual",
+        gamma=1.75,
+        schedule="s*",
+        clock="reference",
+        scope="attention",
+        k_multiplier=2.0,
+        method="fixed",
+        te_policy="style",
+        hires="keep",
+        show_map=True,
+    )
+    for control, value in zip(_controls(webui), chosen.to_positional()):
+        control.value = value  # what the user set in txt2img
+    runner_t, runner_i = webui.txt2img_runner, webui.img2img_runner
+    sent = dict(send_to(runner_t.infotext_fields, runner_i.infotext_fields, runner_t.paste_field_names))
+    received = [sent.get(c, c.value) for c in _controls(webui, img2img=True)]
+    assert KLoraArgs.from_positional(received) == chosen
+    assert all(c in sent for c in _controls(webui, img2img=True))
+
+
+def _log_lines(monkeypatch):
+    from klora_ext.log import logger
+
+    lines: list[str] = []
+    monkeypatch.setattr(logger, "warning", lambda msg, *a: lines.append(msg % a if a else msg))
+    return lines
+
+
+@pytest.mark.parametrize(
+    "bad", [{"K-LoRA method": "k-lora-v2"}, {"K-LoRA alpha": "99"}, {"K-LoRA gamma mode": "auto-max"}]
+)
+def test_unparsable_paste_changes_nothing_and_says_why_once(webui, monkeypatch, bad):
+    import gradio
+    from modules.infotext_utils import paste
+
+    params = {"Prompt": "x", "K-LoRA": "v1", "K-LoRA content": "subject_v1", "K-LoRA style": "painterly", **bad}
+    lines = _log_lines(monkeypatch)
+    gradio.warnings_shown.clear()
+    updates = paste(webui.txt2img_runner.infotext_fields, params)
+    assert [v for _, v in updates] == [None] * len(updates)  # Enable not ticked, nothing else touched
+    key = next(iter(bad))
+    field = next(f.name for f in FIELDS if f.infotext == key)
+    assert len(lines) == 1 and f"'{field}'" in lines[0]
+    assert len(gradio.warnings_shown) == 1 and f"'{field}'" in gradio.warnings_shown[0]
+
+
+def test_xyz_cells_carry_their_own_infotext(webui):
+    import xyz_grid
+    from modules.infotext_utils import parse_generation_parameters
+
+    p = webui.make_p({**GOOD, "alpha": 0.5}, prompt="x", steps=4)
+    cells = xyz_grid.run_axis(p, "[K-LoRA] Alpha", ["0.5", "1.5", "0.75"])
+    alphas = [parse_generation_parameters(res.infotexts[0]).get("K-LoRA alpha") for _, res in cells]
+    assert alphas == ["0.5", None, "0.75"]  # 1.5 is the default: not written, and not the previous cell's
+    p = webui.make_p(GOOD, prompt="x", steps=4)
+    cells = xyz_grid.run_axis(p, "[K-LoRA] Enabled", ["True", "False"])
+    on, off = (parse_generation_parameters(res.infotexts[0]) for _, res in cells)
+    assert on["K-LoRA"] == "v1" and not any(k.startswith("K-LoRA") for k in off)
+    assert p.extra_generation_params == {}  # the plot's own p is left alone
+
+
+def test_plan_last_is_cleared_after_a_failed_run(webui, monkeypatch):
+    from modules import script_callbacks
+
+    app = _App()
+    script_callbacks.app_started_callback(None, app)
+    plan_last = next(r.endpoint for r in app.routes if r.path == "/klora/v1/plan/last")
+
+    class HTTPException(Exception):  # noqa: N818 - fastapi's name
+        def __init__(self, status_code, detail=None):
+            super().__init__(detail)
+            self.status_code, self.detail = status_code, detail
+
+    monkeypatch.setitem(sys.modules, "fastapi", types.SimpleNamespace(HTTPException=HTTPException))
+    webui.generate(GOOD, prompt="x", steps=3)
+    assert plan_last()["steps"] == 3
+    webui.generate({**GOOD, "style": "paintrly"}, prompt="x", steps=5)
+    with pytest.raises(HTTPException) as failed:
+        plan_last()
+    assert failed.value.status_code == 404 and "failed" in failed.value.detail and "paintrly" in failed.value.detail
+    webui.generate(None, prompt="x", steps=2)  # a generation without K-LoRA does not change it
+    with pytest.raises(HTTPException):
+        plan_last()
+    webui.generate(GOOD, prompt="x", steps=4)
+    assert plan_last()["steps"] == 4
+
+
+def _infotext_body(params: str) -> bytes:
+    import json
+
+    return json.dumps({"prompt": "x", "infotext": params}).encode()
+
+
+def test_api_infotext_with_a_bad_k_lora_value_answers_the_real_reason(webui):
+    from klora_ext.webui import api
+
+    good = "a cat\nSteps: 20, Seed: 1, K-LoRA: v1, K-LoRA content: subject_v1, K-LoRA style: painterly"
+    assert api.payload_error(_infotext_body(good)) is None
+    assert api.payload_error(_infotext_body("a cat\nSteps: 20, Seed: 1, Sampler: Euler")) is None
+    error = api.payload_error(_infotext_body(good + ", K-LoRA method: k-lora-v2"))
+    assert error is not None and error.startswith("[K-LoRA]") and "'method'" in error and "infotext" in error
+    # the same infotext through the WebUI's own mapping never turns K-LoRA on with the LoRAs missing
+    from modules.infotext_utils import api_script_args, parse_generation_parameters
+
+    params = parse_generation_parameters(good + ", K-LoRA method: k-lora-v2")
+    runner = webui.txt2img_runner
+    assert api_script_args(runner.infotext_fields, runner.inputs, params) == {}
+
+
+def test_fresh_gradio4_page_shows_both_pickers_empty(webui):
+    import gradio
+
+    controls = _controls(webui)
+    for picker in (controls[1], controls[3]):
+        assert gradio.dropdown_shown_value_gradio4(picker) == ""
+        assert {"subject_v1", "painterly"} <= set(picker.choices)
+
+
+def test_no_common_layer_message_does_not_guess_the_base_models(webui):
+    only_te = [(i, s) for i, s in __import__("fakehost").layer_specs() if i.startswith("te1:")]
+    only_unet = [(i, s) for i, s in __import__("fakehost").layer_specs() if i.startswith("unet:")]
+    import fakehost
+
+    fakehost.write_lora(webui.lora_dir / "te_only.safetensors", only_te, seed=5)
+    fakehost.write_lora(webui.lora_dir / "unet_only.safetensors", only_unet, seed=6)
+    import networks
+
+    networks.list_available_networks()
+    _, res = webui.generate({**GOOD, "content": "te_only", "style": "unet_only"}, prompt="x", steps=2)
+    message = res.extra_generation_params["K-LoRA error"]
+    assert "no common layer" in message and " vs " not in message and "?" not in message.split(":")[0]

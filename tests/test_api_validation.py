@@ -143,3 +143,78 @@ def test_install_is_idempotent_and_rebuilds_the_stack() -> None:
     assert install_validation(app) is True
     assert install_validation(app) is False
     assert len(app.user_middleware) == 1 and app.builds == 1 and app.middleware_stack is not None
+
+
+# ---- issue 11: no 500 for any JSON value; a disabled K-LoRA is never refused --------------------------------------
+HUGE = 10**400  # json.dumps writes all 401 digits; float() of it raises OverflowError
+
+
+@pytest.mark.parametrize("name", ["content_weight", "style_weight", "alpha", "beta", "gamma", "k_multiplier"])
+@pytest.mark.parametrize("value", [HUGE, -HUGE])
+def test_huge_integers_are_a_422_not_a_500(name, value) -> None:
+    args = {**OK, "gamma_mode": "manual", name: value}
+    error = payload_error(body([args]))
+    assert error is not None and error.startswith("[K-LoRA]") and f"'{name}'" in error
+    positional = [True, "dog", 1.0, "ink", 1.0, 1.5, 0.5, "manual", 1.0]
+    index = ["enabled", "content", "content_weight", "style", "style_weight", "alpha", "beta", "gamma_mode", "gamma"]
+    if name in index:
+        positional[index.index(name)] = value
+        error = payload_error(body(positional))
+        assert error is not None and f"'{name}'" in error
+
+
+JSON_VALUES = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    HUGE,
+    1e308,
+    0.5,
+    "",
+    "x",
+    "1e999",
+    "nan",
+    [],
+    [1],
+    [[1]],
+    {},
+    {"a": 1},
+    ["dog"],
+]
+
+
+@pytest.mark.parametrize("value", JSON_VALUES)
+def test_any_json_value_in_any_field_is_answered_never_raised(value) -> None:
+    from klora_ext.args import FIELDS
+
+    for field in FIELDS:
+        for args in ([{**OK, field.name: value}], [True, "dog", 1.0, "ink", 1.0][: FIELDS.index(field)] + [value]):
+            error = payload_error(body(args))  # must not raise
+            assert error is None or error.startswith("[K-LoRA]")
+    for raw in (body(value), body([value]), json.dumps({"alwayson_scripts": value}).encode()):
+        error = payload_error(raw)
+        assert error is None or error.startswith("[K-LoRA]")
+    raw = json.dumps({"alwayson_scripts": {"K-LoRA": value}}).encode()
+    error = payload_error(raw)
+    assert error is None or error.startswith("[K-LoRA]")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [False, "", 1.0, "", 1.0, 1.5, 0.5, "auto-mean", None],
+        [{"enabled": False, "alpha": "fast", "beta": HUGE}],
+        [False, "dog", "heavy"],
+        [{"enabled": True, "content": "dog", "style": "ink", "gamma": None}],  # gamma only counts in manual mode
+        [{"enabled": True, "content": "dog", "style": "ink", "gamma": 0, "gamma_mode": "auto-sum"}],
+    ],
+)
+def test_disabled_or_unused_fields_are_not_checked(args) -> None:
+    assert payload_error(body(args)) is None
+
+
+def test_enabled_itself_must_be_readable() -> None:
+    error = payload_error(body([{"enabled": "maybe"}]))
+    assert error is not None and "'enabled'" in error

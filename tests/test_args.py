@@ -73,7 +73,6 @@ def test_dict_not_first_is_rejected() -> None:
         ("alpha", "abc", r"'alpha' must be a number from 0.0 to 10.0, got 'abc'"),
         ("alpha", True, r"'alpha' must be a number"),
         ("beta", float("nan"), r"'beta' must be in"),
-        ("gamma", 0.0, r"'gamma' must be in \(0.0, 1000000.0\]"),
         ("k_multiplier", 0, r"'k_multiplier' must be in \(0.0, 64.0\]"),
         ("method", "best", r"'method' must be one of k-lora, fixed, random, content-only, style-only, merge"),
         ("schedule", 3, r"'schedule' must be one of linear, s\*"),
@@ -85,6 +84,27 @@ def test_dict_not_first_is_rejected() -> None:
 def test_bad_values_name_the_field_and_range(field: str, value: object, message: str) -> None:
     with pytest.raises(KLoraError, match=r"^\[K-LoRA\] " + message):
         KLoraArgs(**{field: value})
+
+
+def test_gamma_is_checked_in_manual_mode_only() -> None:
+    with pytest.raises(KLoraError, match=r"^\[K-LoRA\] 'gamma' must be in \(0.0, 1000000.0\]"):
+        KLoraArgs(gamma_mode="manual", gamma=0.0)
+    for junk in (None, 0, -3, "", 10**400):  # the Gamma box emptied or left at 0 while another mode is chosen
+        assert KLoraArgs(gamma_mode="auto-mean", gamma=junk).gamma == 1.0
+    assert KLoraArgs(gamma_mode="auto-sum", gamma=2.5).gamma == 2.5
+
+
+def test_enabled_is_read_alone() -> None:
+    assert KLoraArgs.enabled_in([False, "", "junk", None]) is False
+    assert KLoraArgs.enabled_in([{"enabled": "true", "alpha": "fast"}]) is True
+    assert KLoraArgs.enabled_in([]) is False and KLoraArgs.enabled_in([{}]) is False
+    with pytest.raises(KLoraError, match="'enabled'"):
+        KLoraArgs.enabled_in(["maybe"])
+
+
+def test_huge_integers_are_a_clear_error() -> None:
+    with pytest.raises(KLoraError, match=r"'alpha' must be a number"):
+        KLoraArgs(alpha=10**400)
 
 
 def test_string_coercion_and_aliases() -> None:

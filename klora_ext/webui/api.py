@@ -3,7 +3,8 @@
 * ``GET /klora/v1/version`` - extension version, infotext version, the host adapter in use (or why K-LoRA is off).
 * ``GET /klora/v1/schema``  - the argument model: positional order for ``alwayson_scripts``, kinds, defaults,
   ranges, choices, infotext keys, plus example payloads for both argument forms.
-* ``GET /klora/v1/plan/last`` - the plan JSON (KLORA_SPEC §6) of the last K-LoRA generation (404 before the first).
+* ``GET /klora/v1/plan/last`` - the plan JSON (KLORA_SPEC §6) of the last K-LoRA generation (404 before the first,
+  and 404 naming the reason when the last K-LoRA generation failed or was skipped).
 * ``POST /klora/v1/cache/clear`` - forget every cached pair score (memory and disk), e.g. before a cold benchmark.
 
 Generation itself goes through the WebUI's own ``/sdapi/v1/txt2img|img2img`` with
@@ -15,6 +16,7 @@ invalid payload with HTTP 422 naming the field: the WebUI itself swallows except
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -65,6 +67,7 @@ def mount(
     *,
     host_info: Callable[[], dict[str, Any]] | None = None,
     last_plan: Callable[[], dict[str, Any] | None] | None = None,
+    last_error: Callable[[], str | None] | None = None,
 ) -> None:
     """Add the routes (idempotent: a UI reload calls this again on the same app)."""
     existing = {getattr(r, "path", None) for r in getattr(app, "routes", [])}
@@ -80,7 +83,8 @@ def mount(
         if plan is None:
             from fastapi import HTTPException
 
-            raise HTTPException(status_code=404, detail="no K-LoRA generation yet")
+            error = last_error() if last_error is not None else None
+            raise HTTPException(status_code=404, detail=error or "no K-LoRA generation yet")
         return plan
 
     def cache_clear() -> dict[str, Any]:
@@ -107,33 +111,73 @@ GENERATION_PATHS = frozenset({"/sdapi/v1/txt2img", "/sdapi/v1/img2img"})
 SCRIPT_TITLE = "k-lora"
 
 
-def payload_error(body: bytes) -> str | None:
-    """The [K-LoRA] message for an invalid K-LoRA part of a txt2img/img2img JSON body, else None.
+def payload_error(body: bytes, *, parse_infotext: Callable[[str], Mapping[str, Any]] | None = None) -> str | None:
+    """The [K-LoRA] message for an invalid K-LoRA part of a txt2img/img2img JSON body, else None. Never raises:
+    whatever JSON a client sends is answered (422 or passed on), never a 500.
 
     Only what can be judged without the host: types, ranges, unknown keys, and an enabled K-LoRA without two
-    different LoRAs. Unknown LoRA names are reported at generation time. Bodies that are not JSON objects are left
-    to the WebUI's own validation.
+    different LoRAs; a disabled K-LoRA is not checked beyond its "enabled" value. Unknown LoRA names are reported
+    at generation time. Bodies that are not JSON objects are left to the WebUI's own validation. K-LoRA settings
+    in the request's ``infotext`` field (when no K-LoRA args are sent) are checked with ``parse_infotext``, by
+    default the WebUI's own infotext parser.
     """
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested beyond the parser: the WebUI answers that itself
         return None
-    scripts = payload.get("alwayson_scripts") if isinstance(payload, dict) else None
-    if not isinstance(scripts, Mapping):
+    if not isinstance(payload, dict):
         return None
-    ours = [v for k, v in scripts.items() if isinstance(k, str) and k.lower() == SCRIPT_TITLE]
+    scripts = payload.get("alwayson_scripts")
+    ours = (
+        [v for k, v in scripts.items() if isinstance(k, str) and k.lower() == SCRIPT_TITLE]
+        if isinstance(scripts, Mapping)
+        else []
+    )
     if not ours:
-        return None
+        infotext = payload.get("infotext")
+        return _infotext_error(infotext, parse_infotext) if isinstance(infotext, str) and infotext else None
     entry = ours[0]
     args = entry.get("args", []) if isinstance(entry, Mapping) else entry
     if not isinstance(args, list):
         return "[K-LoRA] alwayson_scripts.K-LoRA.args must be a list (positional values, or one object)"
     try:
-        parsed = KLoraArgs.from_script_args(args)
-        if parsed.enabled:
-            parsed.check_runnable()
+        if not KLoraArgs.enabled_in(args):
+            return None
+        KLoraArgs.from_script_args(args).check_runnable()
     except KLoraError as exc:
         return str(exc)
+    return None
+
+
+def _host_infotext_parser() -> Callable[[str], Mapping[str, Any]] | None:
+    for name in ("modules.infotext_utils", "modules.generation_parameters_copypaste"):  # v1.8+, then older
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        parse = getattr(module, "parse_generation_parameters", None)
+        if callable(parse):
+            return parse
+    return None
+
+
+def _infotext_error(infotext: str, parse: Callable[[str], Mapping[str, Any]] | None) -> str | None:
+    """The API maps an infotext's K-LoRA values onto the UI controls one by one; a value that does not parse would
+    silently be dropped there (and the run fail later with a misleading "no LoRAs chosen"): say what is wrong."""
+    parse = parse or _host_infotext_parser()
+    if parse is None:
+        return None
+    try:
+        params = parse(infotext)
+    except Exception:  # noqa: BLE001 - the host parser's problem; the WebUI reports it itself
+        return None
+    if not isinstance(params, Mapping) or "K-LoRA" not in params:
+        return None
+    try:
+        KLoraArgs.from_infotext(params)
+    except KLoraError as exc:
+        reason = str(exc).removeprefix("[K-LoRA] ")
+        return f"[K-LoRA] the request's infotext has a K-LoRA value that cannot be used: {reason}"
     return None
 
 

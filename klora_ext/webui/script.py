@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ class HostState:
     reason: str | None = None  # why K-LoRA is disabled on this host
     detected: bool = False
     last_plan: dict[str, Any] | None = None  # JSON of the last generation's first plan (API /klora/v1/plan/last)
+    last_error: str | None = None  # why the last K-LoRA generation has no plan (it failed or was skipped)
 
 
 STATE = HostState()
@@ -112,6 +114,26 @@ def name_for_hash(shorthash: str) -> str | None:
         return lookup(shorthash) if callable(lookup) else None
     except Exception:  # noqa: BLE001 - a paste helper must never fail the paste
         return None
+
+
+def _preview(values: dict[str, Any], steps: Any, progress: Any = None) -> Any:
+    from klora_ext.webui import preview
+
+    _use_webui_font()
+    klrun.score_cache(int(opt("klora_cache_size", 32)))
+    return preview.build(values, steps, adapter=get_adapter(), progress=progress)
+
+
+def _use_webui_font() -> None:
+    """Let the map renderer also find the WebUI's own font (Roboto, next to modules/images.py)."""
+    try:
+        from modules import paths_internal
+
+        from klora_ext.selection_map import add_font_dir
+
+        add_font_dir(os.path.dirname(paths_internal.roboto_ttf_file))
+    except (ImportError, AttributeError):
+        pass
 
 
 def refresh_loras() -> list[str]:
@@ -209,6 +231,7 @@ def on_cfg_denoiser(params: Any) -> None:
         finally:
             if owner is not None and isinstance(getattr(owner, "extra_generation_params", None), dict):
                 owner.extra_generation_params["K-LoRA skipped"] = f"error during sampling: {exc}"
+            STATE.last_error = f"[K-LoRA] the last K-LoRA generation failed during sampling: {exc}"
         return
     if run.passes != before and run.controller.plan is not None:
         run.used_plans.append((_pass_kind(run.owner), run.controller.plan))
@@ -244,7 +267,7 @@ def on_before_ui() -> None:
 def on_app_started(demo: Any, app: Any) -> None:
     from klora_ext.webui import api
 
-    api.mount(app, host_info=host_info, last_plan=lambda: STATE.last_plan)
+    api.mount(app, host_info=host_info, last_plan=lambda: STATE.last_plan, last_error=lambda: STATE.last_error)
     try:
         api.install_validation(app)
     except Exception as exc:  # noqa: BLE001 - without it, bad payloads are still stopped inside process()
@@ -300,16 +323,33 @@ class Script(scripts.Script):
             refresh_loras=refresh_loras,
             defaults=ui_defaults(),
             name_for_hash=name_for_hash,
+            preview=_preview,
+            steps=getattr(self, "_klora_steps", None),
         )
+
+    def after_component(self, component: Any, **kwargs: Any) -> None:
+        # The host's "Sampling steps" slider (built before the scripts' accordions): an input of the plan preview.
+        tab = "img2img" if getattr(self, "is_img2img", False) else "txt2img"
+        if (kwargs.get("elem_id") or getattr(component, "elem_id", None)) == f"{tab}_steps":
+            self._klora_steps = component
 
     # -- process ----------------------------------------------------------------------------------------------------
     def process(self, p: Any, *script_args: Any) -> None:
         adapter = get_adapter()
         if adapter is not None:
             adapter.disarm(None)  # whatever an aborted generation left behind
+        _own_infotext_params(p)
         try:
+            # Only "enabled" is read before we know K-LoRA is on: a disabled K-LoRA never stops a generation over a
+            # value it does not use (an emptied number box, an old API client's value).
+            overrides = getattr(p, klrun.XYZ_ATTR, None) or {}
+            enabled = bool(overrides.get("enabled", KLoraArgs.enabled_in(script_args)))
+            if not enabled:
+                return
+            STATE.last_plan, STATE.last_error = None, "[K-LoRA] the last K-LoRA generation did not finish"
             args = klrun.args_with_overrides(script_args, p)
         except KLoraError as exc:
+            STATE.last_error = f"[K-LoRA] the last K-LoRA generation failed: {str(exc).removeprefix('[K-LoRA] ')}"
             _stop(p, exc)
             raise
         if not args.enabled:
@@ -322,11 +362,13 @@ class Script(scripts.Script):
             error = exc if isinstance(exc, KLoraError) else KLoraError(f"[K-LoRA] internal error: {exc!r}")
             if adapter is not None:
                 adapter.disarm(None)
+            reason = str(error).removeprefix("[K-LoRA] ")
             if opt("klora_on_error", ON_ERROR_STOP) == ON_ERROR_CONTINUE:
-                reason = str(error).removeprefix("[K-LoRA] ")
                 logger.warning("%s; continuing without K-LoRA", reason)
                 p.extra_generation_params["K-LoRA skipped"] = reason
+                STATE.last_error = f"[K-LoRA] the last K-LoRA generation was skipped: {reason}"
                 return
+            STATE.last_error = f"[K-LoRA] the last K-LoRA generation failed: {reason}"
             _stop(p, error)
             if error is exc:
                 raise
@@ -388,7 +430,7 @@ class Script(scripts.Script):
         try:
             plans = run.used_plans or ([("first", run.session.first_plan)] if run.session.first_plan else [])
             if plans:
-                STATE.last_plan = plans[0][1].to_json()
+                STATE.last_plan, STATE.last_error = plans[0][1].to_json(), None
             if run.args.show_map and plans:
                 add_maps(p, processed, run, plans)
         except Exception as exc:  # noqa: BLE001 - a map problem must not keep the model modified
@@ -409,6 +451,15 @@ def _show_notes(processed: Any, notes: list[str]) -> None:
         if line not in comments:
             comments += f"{line}\n"
     processed.comments = comments
+
+
+def _own_infotext_params(p: Any) -> None:
+    """Give ``p`` its own ``extra_generation_params`` without any K-LoRA entry. The X/Y/Z plot shallow-copies ``p``
+    per cell, so all cells (and the plot's own ``p``) share one dict: without this an alpha=1.5 cell would keep the
+    previous cell's "K-LoRA alpha: 0.5" (defaults are not written) and an Enabled=False cell "K-LoRA: v1"."""
+    params = getattr(p, "extra_generation_params", None)
+    if isinstance(params, dict):
+        p.extra_generation_params = {k: v for k, v in params.items() if not str(k).startswith("K-LoRA")}
 
 
 def _stop(p: Any, error: KLoraError) -> None:
@@ -432,17 +483,10 @@ def _stop(p: Any, error: KLoraError) -> None:
 
 
 # ---- selection map --------------------------------------------------------------------------------------------------
-def _to_image(array: Any) -> Any:
-    try:
-        from PIL import Image
-    except ImportError:  # only in tests without Pillow: the host always has it
-        return array
-    return Image.fromarray(array)
-
-
 def add_maps(p: Any, processed: Any, run: KLoraRun, plans: list[tuple[str, Any]]) -> None:
     from klora_ext.selection_map import render_map
 
+    _use_webui_font()
     seen: set[int] = set()
     for kind, plan in plans:
         if id(plan) in seen:
@@ -456,7 +500,7 @@ def add_maps(p: Any, processed: Any, run: KLoraRun, plans: list[tuple[str, Any]]
             f"gamma {plan.gamma:.4g}  clock {plan.clock}  scope {plan.scope}",
         ]
         groups = [keys.layer_group(i) for i in plan.layer_ids]
-        image = _to_image(render_map(plan.roles, plan.layer_ids, groups=groups, title=title, info_lines=lines))
+        image = render_map(plan.roles, plan.layer_ids, groups=groups, title=title, info_lines=lines)
         plan_json = json.dumps(plan.to_json(), separators=(",", ":"))
         text = f"{title}\n" + "\n".join(lines)
         info = getattr(image, "info", None)

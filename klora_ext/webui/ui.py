@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,13 @@ def elem_id(tab: str, name: str) -> str:
     return f"klora_{tab}_{name}"
 
 
+def lora_choices(names: list[str]) -> list[str]:
+    """The picker's choices: an empty entry first. gradio 4 (Forge) shows the first choice in a Dropdown whose
+    value is empty on a fresh page (both pickers would show the same LoRA, one the user never chose); with "" first
+    it shows nothing, as gradio 3 does, and the empty entry lets a user clear a picker."""
+    return [""] + [n for n in names if n]
+
+
 def _slider_range(name: str, spec: tuple, value: float) -> tuple[float, float]:
     lo, hi = spec[2], spec[3]
     return min(lo, value), max(hi, value)  # a Settings default outside the friendly range still shows
@@ -52,8 +60,8 @@ def _component(gr: Any, name: str, value: Any, tab: str, choices: list[str]) -> 
     common = {"label": field.label, "elem_id": elem_id(tab, name)}
     kind = spec[0]
     if kind == "lora":
-        # value "" (a str, never None): the WebUI's paste converts by the control's current value type
-        return gr.Dropdown(choices=choices, value=value or "", allow_custom_value=True, **common)
+        # value "" (a str, never None): the WebUI's paste converts by the control's current value type.
+        return gr.Dropdown(choices=lora_choices(choices), value=value or "", allow_custom_value=True, **common)
     if kind == "slider":
         lo, hi = _slider_range(name, spec, float(value))
         return gr.Slider(minimum=lo, maximum=hi, step=spec[1], value=value, **common)
@@ -87,7 +95,11 @@ def build(
     refresh_loras: Callable[[], list[str]],
     defaults: KLoraArgs,
     name_for_hash: Callable[[str], str | None] | None = None,
+    preview: Callable[..., Any] | None = None,
+    steps: Any = None,
 ) -> list[Any]:
+    """The accordion. ``preview(values, steps, progress)`` -> ``klora_ext.webui.preview.Preview`` draws the plan
+    preview; ``steps`` is the host's "Sampling steps" slider (its value is an input of the preview)."""
     import gradio as gr
 
     try:
@@ -120,36 +132,146 @@ def build(
                 with gr.Row():
                     for name in advanced[start : start + 3]:
                         comps[name] = _component(gr, name, values[name], tab, loras)
+        preview_parts = None
+        if preview is not None:
+            image = gr.Image(
+                value=None,
+                label="Plan preview: which LoRA each layer uses at each step",
+                type="pil",
+                interactive=False,
+                elem_id=elem_id(tab, "preview"),
+            )
+            info = gr.Markdown(value=PICK_HINT, elem_id=elem_id(tab, "preview_info"))
+            preview_parts = (image, info)
 
     def on_refresh() -> tuple[Any, Any]:
-        names = refresh_loras()
+        names = lora_choices(refresh_loras())
         return gr.update(choices=names), gr.update(choices=names)
 
     refresh.click(fn=on_refresh, inputs=[], outputs=[comps["content"], comps["style"]])
+    if preview_parts is not None:
+        wire_preview(gr, comps, preview_parts, preview, steps)
 
     ordered = [comps[f.name] for f in FIELDS]
     script.infotext_fields = infotext_fields(comps, list_loras=list_loras, name_for_hash=name_for_hash)
-    script.paste_field_names = [f.infotext for f in FIELDS if f.infotext]
+    script.paste_field_names = [str(key) for _, key in script.infotext_fields]
     return ordered
 
 
-# ---- infotext paste-back --------------------------------------------------------------------------------------------
+# ---- plan preview ---------------------------------------------------------------------------------------------------
+PICK_HINT = "Pick a content LoRA and a style LoRA to preview which one each layer uses at each step."
+
+
+def _gradio_major(gr: Any) -> int:
+    try:
+        return int(str(getattr(gr, "__version__", "3")).split(".", 1)[0])
+    except ValueError:
+        return 3
+
+
+def wire_preview(gr: Any, comps: dict[str, Any], outputs: tuple[Any, Any], preview: Callable[..., Any], steps: Any):
+    """Every control the plan depends on (and the steps slider) redraws the preview on change. The handler runs in
+    the queue's worker threads (gradio 3.41 and 4), so scoring a new pair never blocks the UI or other tabs; scoring
+    progress shows on the preview image (``gr.Progress``)."""
+    from klora_ext.webui.preview import INPUTS
+
+    inputs = [comps[name] for name in INPUTS] + ([steps] if steps is not None else [])
+
+    def on_change(*raw: Any, progress: Any = gr.Progress()) -> tuple[Any, str]:  # noqa: B008 - gradio's idiom
+        values = dict(zip(INPUTS, raw))
+        step_value = raw[len(INPUTS)] if len(raw) > len(INPUTS) else None
+
+        def report(i: int, n: int, layer_id: str) -> None:
+            if n:
+                progress((i, n), desc=f"K-LoRA: scoring layer {i}/{n} (once per LoRA pair)")
+
+        result = preview(values, step_value, report)
+        return result.image, result.text
+
+    options: dict[str, Any] = {"show_progress": "full"} if _gradio_major(gr) >= 4 else {}
+    if _gradio_major(gr) >= 4:
+        options["trigger_mode"] = "always_last"  # a dragged slider redraws for its last value only
+    for component in inputs:
+        try:
+            component.change(fn=on_change, inputs=inputs, outputs=list(outputs), **options)
+        except Exception as exc:  # noqa: BLE001 - the preview is optional; the accordion must still build
+            logger.warning("could not wire the plan preview (%s)", exc)
+            return None
+    return on_change
+
+
+# ---- infotext paste-back and "Send to" ---------------------------------------------------------------------------
+class PasteKey(str):
+    """An infotext label that is also the paste function. The WebUI's "Send to img2img/inpaint" copies the script
+    controls whose infotext_fields target is a *label* listed in ``paste_field_names`` (``name in
+    paste_field_names``), while pasting text calls a *callable* target (``callable(key)``; ``PasteField`` takes a
+    str as its label and a callable as its function). Being both, every K-LoRA control is carried by "Send to" and
+    still pasted through the validated args model."""
+
+    fn: Callable[[dict[str, Any]], Any]
+
+    def __new__(cls, label: str, fn: Callable[[dict[str, Any]], Any]) -> PasteKey:
+        obj = super().__new__(cls, label)
+        obj.fn = fn
+        return obj
+
+    def __call__(self, params: dict[str, Any]) -> Any:
+        return self.fn(params)
+
+
+SHOW_MAP_KEY = "K-LoRA show map"  # only for "Send to": the infotext never carries it
+
+
+def _warn(message: str) -> None:
+    logger.warning(message)
+    try:
+        import gradio as gr
+
+        gr.Warning(f"[K-LoRA] {message}")  # a toast in the browser when called from the paste event
+    except Exception:  # noqa: BLE001 - a missing toast must never fail the paste
+        pass
+
+
+class PasteParser:
+    """Parses a pasted infotext once for all K-LoRA controls (each control's getter asks) and warns once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._params: Any = None
+        self._result: tuple[bool, KLoraArgs | None] = (False, None)
+
+    def __call__(self, params: dict[str, Any]) -> tuple[bool, KLoraArgs | None]:
+        """(K-LoRA present, parsed args or None when present but unusable)."""
+        with self._lock:
+            if params is self._params:
+                return self._result
+            present = "K-LoRA" in params
+            args = None
+            if present:
+                try:
+                    args = KLoraArgs.from_infotext(params)
+                except KLoraError as exc:
+                    reason = str(exc).removeprefix("[K-LoRA] ")
+                    _warn(f"the pasted K-LoRA settings were not applied (no control changed): {reason}")
+            self._params, self._result = params, (present, args)
+            return self._result
+
+
 def parse_pasted(params: dict[str, Any]) -> KLoraArgs | None:
     """KLoraArgs from parsed infotext (None when K-LoRA was not used or the values are unreadable)."""
-    try:
-        return KLoraArgs.from_infotext(params)
-    except KLoraError as exc:
-        logger.warning("ignoring K-LoRA parameters in the pasted text: %s", exc)
-        return None
+    return PasteParser()(params)[1]
 
 
 def _getter(
     name: str,
+    parser: PasteParser,
     list_loras: Callable[[], list[str]] | None = None,
     name_for_hash: Callable[[str], str | None] | None = None,
 ) -> Callable[[dict[str, Any]], Any]:
     def get(params: dict[str, Any]) -> Any:
-        args = parse_pasted(params)
+        present, args = parser(params)
+        if name == "enabled":
+            return False if not present else (True if args is not None else None)
         if args is None:
             return None  # leave the control as it is
         value = getattr(args, name)
@@ -169,10 +291,15 @@ def infotext_fields(
     list_loras: Callable[[], list[str]] | None = None,
     name_for_hash: Callable[[str], str | None] | None = None,
 ) -> list[tuple[Any, Any]]:
-    """(component, key-or-function) pairs: pasting a K-LoRA infotext sets every control (fields left out of the short
-    infotext get their defaults); pasting one without K-LoRA turns K-LoRA off and leaves the rest alone."""
-    out: list[tuple[Any, Any]] = [(comps["enabled"], lambda params: "K-LoRA" in params)]
-    for field in FIELDS[1:]:
+    """(component, key) pairs, one per control, each key a ``PasteKey``: pasting a K-LoRA infotext sets every
+    control (fields left out of the short infotext get their defaults); one that cannot be parsed changes nothing
+    and says why once; one without K-LoRA turns K-LoRA off and leaves the rest alone. "Send to" copies them all."""
+    parser = PasteParser()
+    out: list[tuple[Any, Any]] = []
+    for field in FIELDS:
         if field.infotext:
-            out.append((comps[field.name], _getter(field.name, list_loras, name_for_hash)))
+            key = PasteKey(field.infotext, _getter(field.name, parser, list_loras, name_for_hash))
+        else:
+            key = PasteKey(SHOW_MAP_KEY if field.name == "show_map" else f"K-LoRA {field.name}", lambda params: None)
+        out.append((comps[field.name], key))
     return out

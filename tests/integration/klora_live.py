@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import urllib.error
 import urllib.request
 from typing import Any
-
-from klora_ext.png import read_png_text
 
 
 class LiveServer:
@@ -64,7 +63,11 @@ def klora(args: list) -> dict:
 
 
 def png_text(b64: str) -> dict:
-    return read_png_text(base64.b64decode(b64))
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as image:
+        image.load()
+        return {k: v for k, v in image.info.items() if isinstance(v, str)}
 
 
 # ---- checks shared by the A1111 and Forge tiers ---------------------------------------------------------------------
@@ -102,6 +105,8 @@ def check_api_infotext_restores_k_lora(server: LiveServer, good: dict) -> None:
 
 
 def decode(b64: str) -> Any:
-    from klora_ext.png import decode_png
+    import numpy as np
+    from PIL import Image
 
-    return decode_png(base64.b64decode(b64))
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as image:
+        return np.asarray(image.convert("RGB"))

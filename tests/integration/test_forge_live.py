@@ -10,16 +10,13 @@ Only the standard library talks to the server. The LoRAs must match the loaded c
 
 from __future__ import annotations
 
-import base64
 import os
 import random
 
 import klora_live
 import numpy as np
 import pytest
-from klora_live import LiveServer, base_payload, klora, png_text
-
-from klora_ext.png import decode_png
+from klora_live import LiveServer, base_payload, decode, klora, png_text
 
 URL = os.environ.get("KLORA_FORGE_URL", "").rstrip("/")
 CONTENT = os.environ.get("KLORA_CONTENT", "klora_it_content")
@@ -105,7 +102,7 @@ def test_style_in_the_prompt_is_taken_over():
     a = txt2img(seed=31, prompt=prompt, **_klora([KLORA]))["images"][0]
     b = txt2img(seed=31, **_klora([KLORA]))["images"][0]
     # pixels, not PNG bytes: the PNG text differs (prompt, "Lora hashes")
-    same = np.array_equal(decode_png(base64.b64decode(a)), decode_png(base64.b64decode(b)))
+    same = np.array_equal(decode(a), decode(b))
     assert same  # the prompt's copy of the style LoRA is not applied on top of K-LoRA's
 
 

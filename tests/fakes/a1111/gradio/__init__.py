@@ -1,6 +1,10 @@
 """A minimal stand-in for gradio (tests only): components remember their arguments and event wiring."""
 
+import typing
+
+__version__ = "3.41.2"
 created: list = []
+warnings_shown: list = []
 
 
 class Block:
@@ -19,12 +23,26 @@ class Block:
 
     def _event(self, kind, fn=None, inputs=None, outputs=None, **kwargs):
         self.events.append((kind, fn, inputs, outputs))
+        return Dependency(self)
 
     def click(self, fn=None, inputs=None, outputs=None, **kwargs):
-        self._event("click", fn, inputs, outputs)
+        return self._event("click", fn, inputs, outputs, **kwargs)
 
     def change(self, fn=None, inputs=None, outputs=None, **kwargs):
-        self._event("change", fn, inputs, outputs)
+        return self._event("change", fn, inputs, outputs, **kwargs)
+
+    def release(self, fn=None, inputs=None, outputs=None, **kwargs):
+        return self._event("release", fn, inputs, outputs, **kwargs)
+
+
+class Dependency:
+    """What an event listener returns; ``.then`` adds a follow-up step, recorded on the same block."""
+
+    def __init__(self, block):
+        self.block = block
+
+    def then(self, fn=None, inputs=None, outputs=None, **kwargs):
+        return self.block._event("then", fn, inputs, outputs, **kwargs)
 
 
 class Component(Block):
@@ -86,6 +104,39 @@ class Button(Component):
 
 class HTML(Component):
     pass
+
+
+class Markdown(Component):
+    pass
+
+
+class Image(Component):
+    pass
+
+
+class Progress:
+    """Records what a handler reports: ``progress((i, n), desc=...)``."""
+
+    calls: typing.ClassVar[list] = []
+
+    def __init__(self, track_tqdm=False):
+        pass
+
+    def __call__(self, progress=None, desc=None, total=None, unit="steps"):
+        Progress.calls.append((progress, desc))
+
+
+def Warning(message):
+    warnings_shown.append(message)
+
+
+def dropdown_shown_value_gradio4(dropdown):
+    """What a fresh page shows in a gradio 4.40 Dropdown (js/dropdown/shared/Dropdown.svelte, initial value): a
+    falsy value is replaced by the first choice."""
+    if dropdown.value:
+        return dropdown.value
+    choices = [c[1] if isinstance(c, tuple) else c for c in dropdown.choices]
+    return choices[0] if choices else dropdown.value
 
 
 def update(**kwargs):

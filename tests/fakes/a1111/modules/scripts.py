@@ -53,6 +53,9 @@ class Script:
     def postprocess(self, p, processed, *args):
         pass
 
+    def after_component(self, component, **kwargs):
+        pass
+
 
 class ScriptRunner:
     def __init__(self, is_img2img=False):
@@ -62,6 +65,17 @@ class ScriptRunner:
         self.is_img2img = is_img2img
         self.infotext_fields = []
         self.paste_field_names = []
+        self.steps = None
+
+    def _sampler_section(self, script):
+        """The "Sampling steps" slider, built (with after_component calls to every script) before the scripts'
+        own UIs, like v1.10's sampler section."""
+        import gradio as gr
+
+        tab = "img2img" if self.is_img2img else "txt2img"
+        if self.steps is None:
+            self.steps = gr.Slider(minimum=1, maximum=150, step=1, value=20, elem_id=f"{tab}_steps")
+        script.after_component(self.steps, elem_id=f"{tab}_steps", label="Sampling steps")
 
     def add_script(self, script):
         """Like initialize_scripts + create_script_ui: call ui(), record the arg slice (UI return order)."""
@@ -70,6 +84,7 @@ class ScriptRunner:
         script.name = script.title().lower()
         visibility = script.show(self.is_img2img)
         script.alwayson = visibility is AlwaysVisible
+        self._sampler_section(script)
         controls = script.ui(self.is_img2img) or []
         script.args_from = len(self.inputs)
         self.inputs.extend(controls)
