@@ -589,6 +589,9 @@ def save_map_png(path: str | os.PathLike[str], roles: np.ndarray, layer_ids: Seq
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a saved picture gets the usual mode
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,215 @@
+"""Real-browser check of the K-LoRA accordion on a running WebUI (A1111 v1.10.1 / gradio 3.41, or Forge /
+gradio 4.40), driven by Selenium with the distribution's headless Chromium (no browser download).
+
+Opt-in: ``KLORA_BROWSER_URL=http://127.0.0.1:7860`` (the server, started with two LoRAs named by
+``KLORA_BROWSER_CONTENT`` / ``KLORA_BROWSER_STYLE``, default ``klora_it_content`` / ``klora_it_style``). Selenium is
+not a project requirement: install it in a separate venv (``python -m venv /work/browser-venv &&
+/work/browser-venv/bin/pip install selenium pytest``) and run this file with that venv's pytest. Screenshots go to
+``KLORA_SCREENSHOT_DIR`` (default: pytest's tmp dir), never into the repository.
+
+What a user does: open the accordion (both pickers empty on a fresh page), pick the two LoRAs, see the preview
+picture appear, move alpha and see it change, tick K-LoRA and "Show selection map", generate, see the map in the
+gallery, send to img2img and see the K-LoRA controls filled there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+URL = os.environ.get("KLORA_BROWSER_URL", "").rstrip("/")
+CONTENT = os.environ.get("KLORA_BROWSER_CONTENT", "klora_it_content")
+STYLE = os.environ.get("KLORA_BROWSER_STYLE", "klora_it_style")
+TIMEOUT = float(os.environ.get("KLORA_BROWSER_TIMEOUT", "900"))
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not URL, reason="set KLORA_BROWSER_URL to run")]
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = Path(os.environ.get("KLORA_SCREENSHOT_DIR") or tmp_path_factory.mktemp("klora-browser"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,2600"):
+        options.add_argument(flag)
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary:
+        options.binary_location = binary
+    driver_path = shutil.which("chromedriver")
+    service = Service(driver_path) if driver_path else Service()
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(TIMEOUT)
+    yield driver
+    driver.quit()
+
+
+def _by():
+    from selenium.webdriver.common.by import By
+
+    return By
+
+
+def wait_for(driver, what, timeout: float = TIMEOUT, every: float = 0.5):
+    """Poll ``what(driver)`` until it returns something truthy (exceptions count as not yet)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            value = what(driver)
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - the element may not exist yet / be re-rendered
+            last = exc
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {getattr(what, '__name__', what)} ({last!r})")
+
+
+def css(driver, selector: str):
+    return driver.find_element(_by().CSS_SELECTOR, selector)
+
+
+def css_all(driver, selector: str):
+    return driver.find_elements(_by().CSS_SELECTOR, selector)
+
+
+def click(driver, element) -> None:
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+    driver.execute_script("arguments[0].click();", element)
+
+
+def type_into(driver, element, text: str, *, enter: bool = True) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+    element.click()
+    element.send_keys(Keys.CONTROL, "a")
+    element.send_keys(Keys.BACKSPACE)
+    element.send_keys(text)
+    if enter:
+        element.send_keys(Keys.ENTER)
+    element.send_keys(Keys.TAB)
+
+
+def pick(driver, elem_id: str, name: str) -> None:
+    """Choose ``name`` in a gradio Dropdown: type it, then click the matching option (gradio 3 and 4)."""
+    from selenium.webdriver.common.keys import Keys
+
+    box = css(driver, f"#{elem_id} input")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.BACKSPACE)
+    box.send_keys(name)
+    options = wait_for(
+        driver,
+        lambda d: [o for o in css_all(d, f"#{elem_id} ul.options li") if o.text.strip() == name],
+        timeout=20,
+    )
+    options[0].click()
+    wait_for(driver, lambda d: css(d, f"#{elem_id} input").get_attribute("value") == name, timeout=20)
+
+
+def number_box(driver, elem_id: str):
+    return css(driver, f"#{elem_id} input[type=number]")
+
+
+def preview_src(driver, tab: str = "txt2img") -> str:
+    images = css_all(driver, f"#klora_{tab}_preview img")
+    return images[0].get_attribute("src") if images else ""
+
+
+def open_accordion(driver, tab: str) -> None:
+    acc = css(driver, f"#klora_{tab}_enabled")
+    header = acc.find_element(_by().CSS_SELECTOR, ".label-wrap")
+    if (
+        not css_all(driver, f"#klora_{tab}_content input")
+        or not css(driver, f"#klora_{tab}_content input").is_displayed()
+    ):
+        click(driver, header)
+    wait_for(driver, lambda d: css(d, f"#klora_{tab}_content input").is_displayed(), timeout=30)
+
+
+def enabled_box(driver, tab: str):
+    """The visible checkbox of K-LoRA's InputAccordion header (A1111 and Forge add it with inputAccordion.js)."""
+    boxes = css_all(driver, f"#klora_{tab}_enabled .input-accordion-checkbox")
+    return boxes[0] if boxes else css(driver, f"#klora_{tab}_enabled-checkbox input")
+
+
+def is_checked(driver, element) -> bool:
+    return bool(driver.execute_script("return arguments[0].checked;", element))
+
+
+def test_accordion_preview_generate_and_send_to_img2img(browser, shots: Path) -> None:
+    driver = browser
+    driver.get(URL)
+    wait_for(driver, lambda d: css(d, "#klora_txt2img_enabled"))
+    wait_for(driver, lambda d: css(d, "#txt2img_generate").is_displayed())
+
+    # 1. a fresh page: both pickers empty (gradio 4 would show the first LoRA in both), then open the accordion
+    open_accordion(driver, "txt2img")
+    assert css(driver, "#klora_txt2img_content input").get_attribute("value") == ""
+    assert css(driver, "#klora_txt2img_style input").get_attribute("value") == ""
+    assert preview_src(driver) == ""
+    driver.save_screenshot(str(shots / "1-accordion-open.png"))
+
+    # small, fast images on the CPU server
+    for elem, value in (("txt2img_steps", "6"), ("txt2img_width", "64"), ("txt2img_height", "64")):
+        type_into(driver, number_box(driver, elem), value)
+
+    # 2. pick the two LoRAs: the preview appears (a new pair is scored once)
+    pick(driver, "klora_txt2img_content", CONTENT)
+    pick(driver, "klora_txt2img_style", STYLE)
+    first = wait_for(driver, lambda d: preview_src(d), timeout=600)
+    info = css(driver, "#klora_txt2img_preview_info").text
+    assert "γ" in info and "shared layers" in info, info
+    css(driver, "#klora_txt2img_preview").screenshot(str(shots / "2-preview.png"))
+    driver.save_screenshot(str(shots / "2-page-with-preview.png"))
+
+    # 3. move alpha: the preview is redrawn from the cached scores
+    type_into(driver, number_box(driver, "klora_txt2img_alpha"), "0.2")
+    second = wait_for(driver, lambda d: (s := preview_src(d)) and s != first and s, timeout=120)
+    assert second != first
+    wait_for(driver, lambda d: css(d, "#klora_txt2img_preview_info").text != info, timeout=60)
+    css(driver, "#klora_txt2img_preview").screenshot(str(shots / "3-preview-alpha-0.2.png"))
+
+    # 4. tick K-LoRA and "Show selection map" (in Advanced), generate: image + map in the gallery
+    box = enabled_box(driver, "txt2img")
+    if not is_checked(driver, box):
+        click(driver, box)
+    wait_for(driver, lambda d: is_checked(d, enabled_box(d, "txt2img")), timeout=20)
+    advanced = css(driver, "#klora_txt2img_advanced .label-wrap")
+    if not css(driver, "#klora_txt2img_show_map input").is_displayed():
+        click(driver, advanced)
+    show_map = css(driver, "#klora_txt2img_show_map input")
+    if not is_checked(driver, show_map):
+        click(driver, show_map)
+    click(driver, css(driver, "#txt2img_generate"))
+    wait_for(driver, lambda d: len(css_all(d, "#txt2img_gallery img")) >= 2, timeout=TIMEOUT)
+    info_html = wait_for(driver, lambda d: css(d, "#html_info_txt2img").text, timeout=60)
+    assert "K-LoRA: v1" in info_html, info_html
+    driver.save_screenshot(str(shots / "4-generated-with-map.png"))
+
+    # 5. the preview is still there after the generation
+    assert preview_src(driver)
+
+    # 6. send to img2img: every K-LoRA control is carried
+    click(driver, css(driver, "#txt2img_send_to_img2img"))
+    wait_for(driver, lambda d: css(d, "#klora_img2img_enabled").is_displayed(), timeout=60)
+    open_accordion(driver, "img2img")
+    wait_for(driver, lambda d: css(d, "#klora_img2img_content input").get_attribute("value") == CONTENT, timeout=60)
+    assert css(driver, "#klora_img2img_style input").get_attribute("value") == STYLE
+    assert float(number_box(driver, "klora_img2img_alpha").get_attribute("value")) == pytest.approx(0.2)
+    assert is_checked(driver, enabled_box(driver, "img2img"))
+    driver.save_screenshot(str(shots / "5-img2img-after-send.png"))
