@@ -1,6 +1,6 @@
 """Run by the WebUI when it loads the extension: make sure the few packages K-LoRA needs are there.
 
-torch, numpy and safetensors ship with every A1111/Forge install; this only repairs a broken environment.
+torch, numpy, safetensors and Pillow ship with every A1111/Forge install; this only repairs a broken environment.
 gradio belongs to the WebUI and is never installed or pinned here.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
-REQUIRED = {"safetensors": "safetensors", "numpy": "numpy"}
+REQUIRED = {"safetensors": "safetensors", "numpy": "numpy", "PIL": "pillow"}  # module -> pip name
 
 
 def missing_packages() -> list[str]:

@@ -20,6 +20,7 @@ const KLORA_TOOLTIPS = {
     hires: "Hires pass: restart the schedule, continue by noise level (denoising strength), or keep the final choices.",
     show_map: "Add the selection map (which LoRA each layer uses at each step) to the gallery.",
     refresh: "Reload the LoRA list.",
+    preview: "The plan for the current settings, before generating: which LoRA each layer uses at each step, and the content share per step.",
 };
 
 function KLORA_applyTooltips() {

@@ -125,3 +125,36 @@ def test_gallery_map_still_follows_a_generation(webui):
     )
     assert len(res.images) == 2 and res.images[1].mode == "RGB"
     assert "selection map" in res.infotexts[1]
+
+
+def test_handler_signature_lets_gradio_inject_progress(webui):
+    import inspect
+
+    import gradio
+
+    fn, inputs, _ = _handler(webui)
+    params = list(inspect.signature(fn).parameters.values())
+    # gradio 3.41 and 4 look for a gr.Progress default among the positional parameters only, after the inputs
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+    assert len(params) == len(inputs) + 1 and isinstance(params[-1].default, gradio.Progress)
+
+
+def test_without_a_steps_slider_the_preview_still_wires(webui):
+    import gradio
+
+    from klora_ext.webui import ui
+
+    shown = []
+    controls = ui.build(
+        webui.Script(),
+        False,
+        list_loras=lambda: ["subject_v1", "painterly"],
+        refresh_loras=list,
+        defaults=KLoraArgs(),
+        preview=lambda values, steps, progress: shown.append(steps)
+        or __import__("types").SimpleNamespace(image=None, text="x"),
+        steps=None,
+    )
+    ((_, fn, inputs, _),) = [e for e in controls[1].events if e[0] == "change"]
+    assert isinstance(inputs[-1], gradio.State) and len(inputs) == len(INPUTS) + 1
+    assert fn(*[c.value for c in inputs]) == (None, "x") and shown == [None]

@@ -175,11 +175,28 @@ def wire_preview(gr: Any, comps: dict[str, Any], outputs: tuple[Any, Any], previ
     progress shows on the preview image (``gr.Progress``)."""
     from klora_ext.webui.preview import INPUTS
 
-    inputs = [comps[name] for name in INPUTS] + ([steps] if steps is not None else [])
+    if steps is None:  # no steps slider found: a fixed input keeps the handler's signature (preview says 20)
+        steps = gr.State(value=None)
+    inputs = [comps[name] for name in INPUTS] + [steps]
 
-    def on_change(*raw: Any, progress: Any = gr.Progress()) -> tuple[Any, str]:  # noqa: B008 - gradio's idiom
+    # Explicit positional parameters: gradio (3.41 and 4) finds ``gr.Progress`` only among the positional ones.
+    def on_change(
+        content: Any,
+        style: Any,
+        alpha: Any,
+        beta: Any,
+        gamma_mode: Any,
+        gamma: Any,
+        schedule: Any,
+        clock: Any,
+        scope: Any,
+        k_multiplier: Any,
+        method: Any,
+        step_value: Any,
+        progress: Any = gr.Progress(),  # noqa: B008 - gradio's idiom
+    ) -> tuple[Any, str]:
+        raw = (content, style, alpha, beta, gamma_mode, gamma, schedule, clock, scope, k_multiplier, method)
         values = dict(zip(INPUTS, raw))
-        step_value = raw[len(INPUTS)] if len(raw) > len(INPUTS) else None
 
         def report(i: int, n: int, layer_id: str) -> None:
             if n:

@@ -114,6 +114,10 @@ class Image(Component):
     pass
 
 
+class State(Component):
+    pass
+
+
 class Progress:
     """Records what a handler reports: ``progress((i, n), desc=...)``."""
 
