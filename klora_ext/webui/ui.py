@@ -175,6 +175,7 @@ def wire_preview(gr: Any, comps: dict[str, Any], outputs: tuple[Any, Any], previ
     progress shows on the preview image (``gr.Progress``)."""
     from klora_ext.webui.preview import INPUTS
 
+    triggers = [comps[name] for name in INPUTS] + ([steps] if steps is not None else [])
     if steps is None:  # no steps slider found: a fixed input keeps the handler's signature (preview says 20)
         steps = gr.State(value=None)
     inputs = [comps[name] for name in INPUTS] + [steps]
@@ -208,7 +209,7 @@ def wire_preview(gr: Any, comps: dict[str, Any], outputs: tuple[Any, Any], previ
     options: dict[str, Any] = {"show_progress": "full"} if _gradio_major(gr) >= 4 else {}
     if _gradio_major(gr) >= 4:
         options["trigger_mode"] = "always_last"  # a dragged slider redraws for its last value only
-    for component in inputs:
+    for component in triggers:
         try:
             component.change(fn=on_change, inputs=inputs, outputs=list(outputs), **options)
         except Exception as exc:  # noqa: BLE001 - the preview is optional; the accordion must still build
