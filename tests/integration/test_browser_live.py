@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from klora_live import LiveServer, base_payload, klora
 
 URL = os.environ.get("KLORA_BROWSER_URL", "").rstrip("/")
 CONTENT = os.environ.get("KLORA_BROWSER_CONTENT", "klora_it_content")
@@ -112,12 +113,17 @@ def pick(driver, elem_id: str, name: str) -> None:
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(Keys.BACKSPACE)
     box.send_keys(name)
-    options = wait_for(
-        driver,
-        lambda d: [o for o in css_all(d, f"#{elem_id} ul.options li") if o.text.strip() == name],
-        timeout=20,
-    )
-    options[0].click()
+
+    def matching(d):
+        found = []
+        for option in css_all(d, f"#{elem_id} ul.options li"):
+            labels = (option.get_attribute("data-value"), option.get_attribute("aria-label"), option.text.strip())
+            if name in labels or option.text.strip().endswith(name):  # gradio 3: data-value; 4: aria-label
+                found.append(option)
+        return found
+
+    options = wait_for(driver, matching, timeout=20)
+    click(driver, options[0])
     wait_for(driver, lambda d: css(d, f"#{elem_id} input").get_attribute("value") == name, timeout=20)
 
 
@@ -213,3 +219,25 @@ def test_accordion_preview_generate_and_send_to_img2img(browser, shots: Path) ->
     assert float(number_box(driver, "klora_img2img_alpha").get_attribute("value")) == pytest.approx(0.2)
     assert is_checked(driver, enabled_box(driver, "img2img"))
     driver.save_screenshot(str(shots / "5-img2img-after-send.png"))
+
+
+def test_api_answers_on_the_real_server() -> None:
+    """The issue-11 API fixes on the real host: a disabled K-LoRA with junk values generates, a 400-digit integer and
+    a bad infotext value are a 422 naming the field, and plan/last says why after a failed K-LoRA run."""
+    server = LiveServer(URL, TIMEOUT, base_payload(2, 64))
+    pair = {"enabled": True, "content": CONTENT, "style": STYLE}
+    result = server.txt2img(**klora([False, "", 1.0, "", 1.0, 1.5, 0.5, "auto-mean", None]))
+    assert len(result["images"]) == 1 and "K-LoRA" not in result["info"]
+    status, body = server.status_of("/sdapi/v1/txt2img", {**server.base, **klora([{**pair, "alpha": 10**400}])})
+    assert status == 422 and "'alpha'" in body["detail"], body
+    infotext = f"a photo\nSteps: 2, Seed: 1, K-LoRA: v1, K-LoRA content: {CONTENT}, K-LoRA style: {STYLE}"
+    status, body = server.status_of(
+        "/sdapi/v1/txt2img", {**server.base, "infotext": infotext + ", K-LoRA method: k-lora-v9"}
+    )
+    assert status == 422 and "'method'" in body["detail"] and "infotext" in body["detail"], body
+    result = server.txt2img(**klora([{**pair, "style": STYLE + "_missing"}]))
+    assert result["images"] == [] or "K-LoRA error" in result["info"]
+    status, body = server.status_of("/klora/v1/plan/last", None)
+    assert status == 404 and "failed" in body["detail"] and "_missing" in body["detail"], body
+    server.txt2img(**klora([pair]))
+    assert server.request("/klora/v1/plan/last")["steps"] == 2
