@@ -198,7 +198,9 @@ def _file_tensors(lora: LoraFile) -> dict[str, torch.Tensor | None]:
     return out
 
 
-def _pair_sums(lora: LoraFile, tensors: dict[str, torch.Tensor | None], notes: list[str]) -> list[tuple[str, float]]:
+def _pair_sums(
+    lora: LoraFile, tensors: dict[str, torch.Tensor | None], notes: list[str], device: str | torch.device = "cpu"
+) -> list[tuple[str, float]]:
     names = sorted(k for k in tensors if "alpha" not in k)
     if len(names) % 2:
         msg = (
@@ -218,21 +220,22 @@ def _pair_sums(lora: LoraFile, tensors: dict[str, torch.Tensor | None], notes: l
                 "every non-alpha key in sorted order and would pair this file wrongly (use the step clock)"
             )
             raise KLoraError(msg)
-        up32, down32 = up.to(dtype=torch.float32), down.to(dtype=torch.float32)
+        up32, down32 = up.to(device=device, dtype=torch.float32), down.to(device=device, dtype=torch.float32)
         if up32.dim() != 2 or down32.dim() != 2:
             # Their `@` cannot multiply conv factors; the flattened product is the layer's delta, which is what
             # their rule means. Said in the plan notes.
             up32, down32 = up32.reshape(up32.shape[0], -1), down32.reshape(down32.shape[0], -1)
             conv.append(up_key)
         try:
-            product = up32 @ down32
+            with torch.no_grad():
+                product = up32 @ down32
         except RuntimeError as exc:
             msg = (
                 f"[K-LoRA] reference gamma: '{lora.name}' keys {down_key} and {up_key} are paired by the authors' "
                 f"sorted-key rule but do not multiply ({exc}); their code cannot read this file (use the step clock)"
             )
             raise KLoraError(msg) from exc
-        out.append((up_key, torch.abs(product).sum().item()))
+        out.append((up_key, torch.abs(product, out=product).sum().item()))  # in place: same values, no copy
     if conv:
         notes.append(
             f"'{lora.name}': {len(conv)} conv (4-D) pairs, e.g. {conv[0]}, enter gamma as flattened products; the "
@@ -241,7 +244,9 @@ def _pair_sums(lora: LoraFile, tensors: dict[str, torch.Tensor | None], notes: l
     return out
 
 
-def authors_gamma(content: LoraFile, style: LoraFile) -> tuple[float, int, list[str]]:
+def authors_gamma(
+    content: LoraFile, style: LoraFile, device: str | torch.device = "cpu"
+) -> tuple[float, int, list[str]]:
     """(gamma, pairs, notes): ``get_ratio_between_content_and_style`` of the reference code, on CPU.
 
     Raises KLoraError where their code stops (different key counts, unpairable keys, a zero style pair)."""
@@ -253,7 +258,7 @@ def authors_gamma(content: LoraFile, style: LoraFile) -> tuple[float, int, list[
         )
         raise KLoraError(msg)
     notes: list[str] = []
-    sums_c, sums_s = _pair_sums(content, tc, notes), _pair_sums(style, ts, notes)
+    sums_c, sums_s = _pair_sums(content, tc, notes, device), _pair_sums(style, ts, notes, device)
     if not sums_c or len(sums_c) != len(sums_s):
         msg = (
             f"[K-LoRA] reference gamma: '{content.name}' has {len(sums_c)} (down, up) pairs and '{style.name}' "
@@ -304,10 +309,23 @@ def _factors(lora: LoraFile, layer: LoraLayer) -> tuple[torch.Tensor, torch.Tens
     return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
 
 
-def raw_top_sum(lora: LoraFile, layer: LoraLayer, k: int) -> torch.Tensor:
+def _top_k_sorted(values: torch.Tensor, k: int) -> torch.Tensor:
+    """``torch.topk(values, k).values`` (sorted, largest first), taken from the entries at or above the k-th largest
+    of a strided sample when that subset holds k of them: the same k values, so the same vector."""
+    n = values.numel()
+    stride = min(64, n // (8 * k))
+    if stride > 1:
+        threshold = torch.topk(values[::stride], k, sorted=False).values.min()
+        subset = values[values >= threshold]
+        if subset.numel() >= k:
+            values = subset
+    return torch.topk(values, k).values
+
+
+def raw_top_sum(lora: LoraFile, layer: LoraLayer, k: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """Sum of the k largest ``|up @ down|`` in the file's dtype (a 0-dim tensor of that dtype), as their
     ``get_klora_weight`` computes it."""
-    up, down = _factors(lora, layer)
+    up, down = (t.to(device=device) for t in _factors(lora, layer))
     if up.dtype != down.dtype:
         msg = f"[K-LoRA] reference mode: '{lora.name}' layer {layer.id} stores up and down in different dtypes"
         raise KLoraError(msg)
@@ -316,10 +334,10 @@ def raw_top_sum(lora: LoraFile, layer: LoraLayer, k: int) -> torch.Tensor:
         if k > product.numel():
             msg = f"[K-LoRA] reference mode: layer {layer.id}: K = {k} exceeds its {product.numel()} entries"
             raise KLoraError(msg)
-        return torch.topk(torch.abs(product).flatten(), k).values.sum()
+        return _top_k_sorted(torch.abs(product, out=product).flatten(), k).sum()
 
 
-def reference_scores(content: LoraFile, style: LoraFile) -> ReferenceScores:
+def reference_scores(content: LoraFile, style: LoraFile, device: str | torch.device = "cpu") -> ReferenceScores:
     """Everything the reference clocks need for one pair. Cost: one float32 product per key pair of each file (for
     gamma) plus one file-dtype product per switched layer."""
     shared = set(content.layers) & set(style.layers)
@@ -353,7 +371,7 @@ def reference_scores(content: LoraFile, style: LoraFile) -> ReferenceScores:
         uc, _ = _factors(content, lc)
         us, _ = _factors(style, ls)
         k = int(uc.shape[1]) * int(us.shape[1])  # weight_1_a.shape[1] * weight_2_a.shape[1]
-        tc, ts = raw_top_sum(content, lc, k), raw_top_sum(style, ls, k)
+        tc, ts = raw_top_sum(content, lc, k, device), raw_top_sum(style, ls, k, device)
         tops_c.append(float(tc))
         tops_s.append(float(ts))
         dc.append(str(tc.dtype).removeprefix("torch."))
@@ -363,7 +381,7 @@ def reference_scores(content: LoraFile, style: LoraFile) -> ReferenceScores:
     error = ""
     pairs = 0
     try:
-        gamma_value, pairs, gamma_notes = authors_gamma(content, style)
+        gamma_value, pairs, gamma_notes = authors_gamma(content, style, device)
         notes += gamma_notes
     except KLoraError as exc:  # only fatal when the plan asks for the authors' gamma (not with a manual one)
         gamma_value, error = None, str(exc)

@@ -162,7 +162,7 @@ def compute_scores(
     if reference:
         from klora_ext.reference import reference_scores
 
-        pair = replace(pair, reference=reference_scores(content, style))
+        pair = replace(pair, reference=reference_scores(content, style, device))
     return pair
 
 
