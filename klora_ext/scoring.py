@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from klora_ext import keys
 from klora_ext.errors import KLoraError
+from klora_ext.log import logger
 
 if TYPE_CHECKING:
-    from klora_ext.lora_file import LoraFile
+    from klora_ext.lora_file import LoraFile, LoraLayer
     from klora_ext.reference import ReferenceScores
 
 # Bump when the numbers a cache entry holds would change for the same files.
@@ -113,6 +118,211 @@ def layer_score(delta: torch.Tensor, k: int) -> tuple[float, float]:
     return top_k_sum(flat, k), float(flat.sum())
 
 
+# ---- streamed scoring ------------------------------------------------------------------------------------------
+# A layer's delta is produced in row blocks that fit the CPU's L2 cache; each block is made absolute in place, summed,
+# and reduced to tile maxima (16 rows x 1 column). Only tiles whose maximum beats a running threshold t (the k-th
+# largest value of some k elements already seen) are kept as top-k candidates, so no full-size delta or abs copy is
+# ever allocated and the selection is exact (see _Selector).
+BLOCK_ELEMS_CPU = 1 << 17  # 512 KiB of fp32 per block: the product, abs and reductions stay in L2
+BLOCK_ELEMS_CUDA = 1 << 24  # few launches per layer; 64 MiB per block
+TILE_ROWS = 16
+_GPU_MIN_FREE = 512 * 2**20  # free memory needed to score on the GPU: a few blocks plus one layer's factors
+_MERGE_SLACK = 1 << 12  # pending candidates beyond k before they are merged down to k
+
+
+def _mat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _product_rows(a: torch.Tensor, b: torch.Tensor) -> Callable[[int, int, torch.Tensor], None]:
+    def fill(start: int, stop: int, out: torch.Tensor) -> None:
+        torch.matmul(a[start:stop], b, out=out)
+
+    return fill
+
+
+def _half_factors(wa: torch.Tensor, wb: torch.Tensor, t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with A @ B == one LoHa/LoKr half flattened to (out, -1); the CP form folds t into B."""
+    if t is None:
+        return _mat(wa), _mat(wb)
+    # t (R, R', kh, kw), wa (R, out), wb (R', in): half[o, n, k, l] = sum_i wa[i, o] * sum_j t[i, j, k, l] wb[j, n]
+    return _mat(wa).t(), torch.einsum("ijkl,jn->inkl", t, _mat(wb)).reshape(t.shape[0], -1)
+
+
+def _row_source(layer: LoraLayer, device: str | torch.device, dtype: torch.dtype):
+    """(rows, cols, fill) where fill(start, stop, out) writes rows [start, stop) of the unscaled delta, flattened to
+    (out, in*kh*kw), into ``out``. Factor-sized intermediates only (never delta-sized)."""
+    f = {name: t.to(device=device, dtype=dtype) for name, t in layer.factors.items()}
+    rows, cols = layer.shape[0], math.prod(layer.shape[1:])
+    if layer.kind in ("lora", "locon"):
+        up, down = _mat(f["up"]), _mat(f["down"])
+        if "mid" in f:  # CP: delta[i, j, k, l] = sum_n up[i, n] * sum_m mid[n, m, k, l] down[m, j]
+            down = torch.einsum("nmkl,mj->njkl", f["mid"], down).reshape(up.shape[1], -1)
+        return rows, cols, _product_rows(up, down)
+    if layer.kind == "loha":
+        a1, b1 = _half_factors(f["hada_w1_a"], f["hada_w1_b"], f.get("hada_t1"))
+        a2, b2 = _half_factors(f["hada_w2_a"], f["hada_w2_b"], f.get("hada_t2"))
+
+        def fill_loha(start: int, stop: int, out: torch.Tensor) -> None:
+            torch.matmul(a1[start:stop], b1, out=out)
+            out.mul_(a2[start:stop] @ b2)
+
+        return rows, cols, fill_loha
+    if layer.kind == "lokr":
+        w1 = f["lokr_w1"] if "lokr_w1" in f else _mat(f["lokr_w1_a"]) @ _mat(f["lokr_w1_b"])
+        if "lokr_w2" in f:
+            w2 = _mat(f["lokr_w2"])
+        else:
+            a2, b2 = _half_factors(f["lokr_w2_a"], f["lokr_w2_b"], f.get("lokr_t2"))
+            w2 = a2 @ b2
+        b = w2.shape[0]
+
+        def fill_lokr(start: int, stop: int, out: torch.Tensor) -> None:
+            # kron rows: delta[i1*b + i2, j1*D + j2] = w1[i1, j1] * w2[i2, j2] (the same single product as torch.kron)
+            index = torch.arange(start, stop, device=w1.device)
+            lhs = w1[index // b].unsqueeze(2)
+            torch.mul(lhs, w2[index % b].unsqueeze(1), out=out.view(stop - start, w1.shape[1], w2.shape[1]))
+
+        return rows, cols, fill_lokr
+    if layer.kind not in ("full", "norm", "bias"):
+        raise KLoraError(f"[K-LoRA] layer {layer.id}: cannot score a {layer.kind!r} layer")
+    diff = _mat(f["diff"])
+
+    def fill_full(start: int, stop: int, out: torch.Tensor) -> None:
+        out.copy_(diff[start:stop])
+
+    return rows, cols, fill_full
+
+
+def _row_blocks(rows: int, cols: int, block_elems: int) -> list[tuple[int, int]]:
+    """Row ranges: full blocks of a multiple of TILE_ROWS rows, then at most one shorter multiple, then < 16 rows."""
+    step = max(TILE_ROWS, block_elems // max(cols, 1) // TILE_ROWS * TILE_ROWS)
+    out, start = [], 0
+    while rows - start >= TILE_ROWS:
+        stop = start + min(step, (rows - start) // TILE_ROWS * TILE_ROWS)
+        out.append((start, stop))
+        start = stop
+    if start < rows:
+        out.append((start, rows))
+    return out
+
+
+class _Selector:
+    """Exact sum of the k largest of a stream of non-negative blocks, keeping only candidates above a threshold.
+
+    Invariant: ``t`` is None (no threshold yet) or at least k elements seen are >= t, and every element seen that
+    is > t is among the candidates. The k largest are then the candidates > t plus, if fewer than k, copies of t.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.t: float | None = None
+        self.parts: list[torch.Tensor] = []
+        self.pending = 0
+
+    def add(self, block: torch.Tensor, tile_max: torch.Tensor, tiles: torch.Tensor) -> None:
+        """block: absolute values; tile_max (S, C): the maximum of each tile tiles[s, :, c]."""
+        first = self.t is None
+        if first:
+            if tile_max.numel() < self.k:
+                self._push(block.reshape(-1).clone())
+                return
+            # k tiles whose maxima are >= the k-th largest maximum: at least k elements >= it
+            self.t = float(torch.topk(tile_max.reshape(-1), self.k, sorted=False).values.min())
+        if not float(tile_max.max()) > self.t:
+            return
+        s, c = torch.nonzero(tile_max > self.t, as_tuple=True)
+        self._push(tiles[s, :, c].reshape(-1), merge=first)
+
+    def _push(self, values: torch.Tensor, *, merge: bool = False) -> None:
+        self.parts.append(values)
+        self.pending += values.numel()
+        # merge early: a higher threshold means fewer tiles hit in later blocks
+        if merge or self.pending > self.k + _MERGE_SLACK:
+            self._merge()
+
+    def _candidates(self) -> torch.Tensor:
+        pool = torch.cat(self.parts) if len(self.parts) != 1 else self.parts[0]
+        return pool if self.t is None else pool[pool > self.t]
+
+    def _merge(self) -> None:
+        pool = self._candidates()
+        if pool.numel() > self.k:
+            pool = torch.topk(pool, self.k, sorted=False).values
+            self.t = float(pool.min())  # >= the old t: every value in the pool was above it
+        self.parts, self.pending = [pool], pool.numel()
+
+    def total(self, scale: float = 1.0) -> float:
+        """The sum, in fp64, of the k largest values each multiplied by ``scale`` in the stream's own dtype."""
+        pool = self._candidates() if self.parts else torch.empty(0)
+        if pool.numel() >= self.k:
+            pool = torch.topk(pool, self.k, sorted=False).values
+        if scale != 1.0:
+            pool = pool * scale
+        out = float(pool.double().sum())
+        if pool.numel() < self.k:
+            # fewer candidates than k above t: the rest of the k largest all equal t (t is set: k <= elements seen)
+            t = torch.tensor(self.t if self.t is not None else 0.0, dtype=pool.dtype) * scale
+            out += (self.k - pool.numel()) * float(t)
+        return out
+
+
+def stream_layer_score(
+    layer: LoraLayer,
+    k: int,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    apply_scale: bool = True,
+    block_elems: int | None = None,
+) -> tuple[float, float]:
+    """(sum of the k largest |delta|, sum |delta|) of one layer without allocating its full delta.
+
+    The delta is built in row blocks of about ``block_elems`` elements (default: L2-sized on CPU, larger on CUDA) in
+    ``dtype`` (None: the file's own factor dtype). The layer's scale (alpha/rank or ``scale`` key) is applied to the
+    few selected values and to the sum, not to every element: |x * s| rounds like |x| * |s|, so the top-k values are
+    the same numbers as those of the scaled dense delta. ``apply_scale=False`` scores the raw factor product.
+    Non-finite input gives a non-finite result (the caller reports it).
+    """
+    dtype = dtype or next(iter(layer.factors.values())).dtype
+    scale = abs(layer.scale) if apply_scale else 1.0
+    with torch.no_grad():
+        rows, cols, fill = _row_source(layer, device, dtype)
+        numel = rows * cols
+        k = max(1, min(int(k), numel))
+        if block_elems is None:
+            block_elems = BLOCK_ELEMS_CUDA if torch.device(device).type == "cuda" else BLOCK_ELEMS_CPU
+        ranges = _row_blocks(rows, cols, block_elems)
+        buf = torch.empty((ranges[0][1] - ranges[0][0]) * cols, device=device, dtype=dtype)
+        # k close to numel: select the (numel - k) smallest instead and subtract them from the total (bounded memory)
+        complement = 2 * k > numel
+        select = _Selector(numel - k if complement else k) if (numel - k if complement else k) > 0 else None
+        sums: list[torch.Tensor] = []
+        for start, stop in ranges:
+            n_rows = stop - start
+            block = buf[: n_rows * cols].view(n_rows, cols)
+            fill(start, stop, block)
+            block.abs_()
+            sums.append(block.sum(dtype=torch.float32))  # fp32 per block (a double sum would copy it), fp64 across
+            if select is None:
+                continue
+            g = TILE_ROWS if n_rows % TILE_ROWS == 0 else n_rows
+            tiles = block.view(n_rows // g, g, cols)
+            if complement:
+                neg = tiles.neg()  # the largest of -|x| are the smallest |x|
+                select.add(neg, neg.amax(1), neg)
+            else:
+                select.add(block, tiles.amax(1), tiles)
+        total = float(torch.stack(sums).double().sum())
+        if select is None:
+            top = total
+        elif complement:
+            top = total + select.total()  # total - (sum of the numel - k smallest)
+        else:
+            return select.total(scale), total * scale
+    return top * scale, total * scale
+
+
 def compute_scores(
     content: LoraFile,
     style: LoraFile,
@@ -131,23 +341,21 @@ def compute_scores(
             f"{style.arch}): K-LoRA needs two LoRAs that train the same layers of the same base model"
         )
         raise KLoraError(msg)
-    scores = []
-    with torch.no_grad():
-        for index, layer_id in enumerate(shared):
-            if progress is not None:
-                progress(index, len(shared), layer_id)
-            lc, ls = content.layers[layer_id], style.layers[layer_id]
-            if tuple(lc.shape) != tuple(ls.shape):
-                msg = (
-                    f"[K-LoRA] layer {layer_id}: '{content.name}' has shape {tuple(lc.shape)} but '{style.name}' "
-                    f"has {tuple(ls.shape)}; the two LoRAs were trained for different models"
-                )
-                raise KLoraError(msg)
-            numel = math.prod(lc.shape)
-            k = top_k(lc.rank, ls.rank, numel, k_multiplier)
-            sc, ac = _checked_score(content, layer_id, k, device)
-            ss, as_ = _checked_score(style, layer_id, k, device)
-            scores.append(LayerScore(layer_id, sc, ss, ac, as_, lc.rank, ls.rank, k))
+    jobs = []
+    for layer_id in shared:
+        lc, ls = content.layers[layer_id], style.layers[layer_id]
+        if tuple(lc.shape) != tuple(ls.shape):
+            msg = (
+                f"[K-LoRA] layer {layer_id}: '{content.name}' has shape {tuple(lc.shape)} but '{style.name}' "
+                f"has {tuple(ls.shape)}; the two LoRAs were trained for different models"
+            )
+            raise KLoraError(msg)
+        jobs.append((layer_id, top_k(lc.rank, ls.rank, math.prod(lc.shape), k_multiplier)))
+    results = _score_jobs(content, style, jobs, pick_score_device(device), progress)
+    scores = [
+        LayerScore(layer_id, sc, ss, ac, as_, content.layers[layer_id].rank, style.layers[layer_id].rank, k)
+        for (layer_id, k), (sc, ac, ss, as_) in zip(jobs, results)
+    ]
     if progress is not None:
         progress(len(shared), len(shared), "")
     _check_not_all_zero(content, [s.sum_abs_content for s in scores])
@@ -166,8 +374,96 @@ def compute_scores(
     return pair
 
 
+def pick_score_device(device: str | torch.device | None) -> str:
+    """Where to score: the host's compute device when it is a CUDA device with room for a few blocks, else the CPU.
+    Only one layer's factors and a block or two are ever on the device, never a whole LoRA."""
+    dev = torch.device(device or "cpu")
+    if dev.type != "cuda":
+        return str(dev)
+    if not torch.cuda.is_available():
+        logger.info("no CUDA device available: scoring on the CPU")
+        return "cpu"
+    try:
+        free, _total = torch.cuda.mem_get_info(dev)
+    except RuntimeError as exc:
+        logger.info("cannot query free memory on %s (%s): scoring on the CPU", dev, exc)
+        return "cpu"
+    if free < _GPU_MIN_FREE:
+        logger.info("only %d MiB free on %s: scoring on the CPU", free >> 20, dev)
+        return "cpu"
+    return str(dev)
+
+
+def _offset(progress: ProgressFn | None, start: int, total: int) -> ProgressFn | None:
+    if progress is None:
+        return None
+    return lambda i, _n, layer_id: progress(start + i, total, layer_id)
+
+
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _score_jobs(
+    content: LoraFile,
+    style: LoraFile,
+    jobs: list[tuple[str, int]],
+    device: str,
+    progress: ProgressFn | None,
+) -> list[tuple[float, float, float, float]]:
+    """(S_c, sum|dW_c|, S_s, sum|dW_s|) per (layer id, K), in order.
+
+    On a CPU with several threads, whole layers go to that many workers, each running torch single-threaded: the
+    block ops are too small for torch's intra-op threads to pay off, and their barriers stall badly when the cores
+    are shared. A CUDA device scores one layer at a time; if it runs out of memory, the rest go to the CPU.
+    """
+
+    def one(job: tuple[str, int]) -> tuple[float, float, float, float]:
+        layer_id, k = job
+        sc, ac = _checked_score(content, layer_id, k, device)
+        ss, as_ = _checked_score(style, layer_id, k, device)
+        return sc, ac, ss, as_
+
+    workers = min(torch.get_num_threads(), len(jobs)) if torch.device(device).type == "cpu" else 1
+    out: list[tuple[float, float, float, float]] = []
+    if workers <= 1:
+        for index, job in enumerate(jobs):
+            if progress is not None:
+                progress(index, len(jobs), job[0])
+            try:
+                out.append(one(job))
+            except torch.cuda.OutOfMemoryError:
+                logger.warning(
+                    "out of memory on %s at layer %s: scoring the remaining layers on the CPU", device, job[0]
+                )
+                torch.cuda.empty_cache()
+                return out + _score_jobs(content, style, jobs[index:], "cpu", _offset(progress, index, len(jobs)))
+        return out
+    with _intra_op_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="klora-score") as pool:
+        queue = iter(jobs)
+        pending = deque(pool.submit(one, job) for job in islice(queue, 2 * workers))
+        try:
+            for index, job in enumerate(jobs):
+                if progress is not None:
+                    progress(index, len(jobs), job[0])
+                out.append(pending.popleft().result())
+                for nxt in islice(queue, 1):
+                    pending.append(pool.submit(one, nxt))
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return out
+
+
 def _checked_score(lora: LoraFile, layer_id: str, k: int, device: str | torch.device) -> tuple[float, float]:
-    top, total = layer_score(lora.layers[layer_id].delta(device=device, dtype=torch.float32), k)
+    top, total = stream_layer_score(lora.layers[layer_id], k, device=device)
     # a non-finite sum means a NaN/Inf element (or an overflowing product): cheaper than a separate isfinite pass
     if not (math.isfinite(total) and math.isfinite(top)):
         msg = f"[K-LoRA] '{lora.name}' has NaN/Inf weights at layer {layer_id}; the file is damaged"
