@@ -329,6 +329,11 @@ class ForgeAdapter(HostAdapter):
     def arm(self, p: Any, run: KLoraRun) -> None:
         self.restore()
         self._clear_run_state()
+        from klora_ext.webui.neo import unsupported_model_reason  # Forge Neo's Nunchaku checkpoints (issue 9)
+
+        reason = unsupported_model_reason()
+        if reason:
+            raise KLoraError(reason)
         self._content = self._read(run.content)
         self._style = self._read(run.style)
         static = run.session.static_roles(self._content.layers, self._style.layers)

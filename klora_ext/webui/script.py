@@ -74,6 +74,12 @@ def detect_adapter() -> tuple[HostAdapter | None, str | None]:
         return a1111.A1111Adapter(), None
     if not _forge_present():
         return None, f"[K-LoRA] disabled: this WebUI is not supported. K-LoRA supports {SUPPORTED}."
+    try:  # reForge main / Forge Classic (ldm_patched patcher); False on the backend/ Forge line
+        ldm_patched = importlib.import_module("klora_ext.webui.ldm_patched")
+        if ldm_patched.LdmPatchedAdapter.detect():
+            return ldm_patched.LdmPatchedAdapter(), None
+    except Exception as exc:  # noqa: BLE001 - must not take the Forge path down with it
+        logger.warning("K-LoRA's reForge/Forge Classic support failed to load (%s)", exc)
     try:
         forge = importlib.import_module("klora_ext.webui.forge")
         adapter_class = forge.ForgeAdapter
