@@ -114,6 +114,8 @@ def summarize(content: LoraFile, style: LoraFile, plan: Plan, n_shared: int, out
     for lora in (content, style):
         if lora.unknown_keys:
             print(f"  note: {lora.name}: {lora.describe_unknown()}", file=out)
+        for line in reader_notes(lora):
+            print(f"  note: {lora.name}: {line}", file=out)
     print(
         f"shared layers: {n_shared} ({len(plan.layer_ids)} switched in scope '{plan.scope}'); "
         f"content-only: {c_only}; style-only: {s_only}",
@@ -227,9 +229,25 @@ def run_demo(ns: argparse.Namespace, out: TextIO) -> Plan:
     return run_plan(ns, content_path, style_path, out)
 
 
+def reader_notes(lora: LoraFile) -> list[str]:
+    """What the host-free reader could not do exactly for this file (DoRA without a base weight, static layers)."""
+    notes = []
+    dora = lora.dora_layers
+    if dora:
+        notes.append(
+            f"{len(dora)} DoRA layers scored with the plain LoRA delta dW (no base weight here; the hosts apply "
+            "(W+dW)*m/||W+dW|| - W)"
+        )
+    if lora.static_layers:
+        kinds = Counter(layer.kind for layer in lora.static_layers.values())
+        what = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+        notes.append(f"{len(lora.static_layers)} static layers ({what}) applied as they are, never switched")
+    return notes
+
+
 def run_inspect(path: Path, out: TextIO) -> None:
     lora = read_lora(path)
-    kinds = Counter(layer.kind for layer in lora.layers.values())
+    kinds = Counter(f"{layer.kind}+dora" if layer.is_dora else layer.kind for layer in lora.layers.values())
     ranks = Counter(layer.rank for layer in lora.layers.values())
     groups = Counter(keys.layer_group(i) for i in lora.layers)
     print(f"{lora.name}: arch {lora.arch}, {len(lora.layers)} layers, sha256 {lora.sha256[:12]}", file=out)
@@ -237,6 +255,16 @@ def run_inspect(path: Path, out: TextIO) -> None:
     print(f"  groups: {', '.join(f'{g} {n}' for g, n in groups.items())}", file=out)
     attn = sum(1 for i in lora.layers if keys.is_attention(i))
     print(f"  attention projections: {attn}", file=out)
+    for line in reader_notes(lora):
+        print(f"  {line}", file=out)
+    for host, support in lora.host_support.items():
+        if support.refused:
+            state = f"applies nothing ({support.note})"
+        elif support.ignored:
+            state = f"applies {len(support.applied)} layers; {support.note}"
+        else:
+            state = f"applies all {len(support.applied)} layers"
+        print(f"  {host}: {state}", file=out)
     if lora.unknown_keys:
         print(f"  {lora.describe_unknown()}", file=out)
 

@@ -636,7 +636,7 @@ def resolve_key(module_key: str, arch_hint: str | None = None) -> Target | None:
         return Target(_unet_id(k, arch_hint) or other, style)
     if root == "text_model":
         return Target(f"te1:{k}", style)
-    if root in _BFL_FLUX_ROOTS or root in ("transformer_blocks", "single_transformer_blocks"):
+    if root in _BFL_FLUX_ROOTS or root in _DIFFUSERS_FLUX_ROOTS:
         return _flux_target(k, style)
     return None
 

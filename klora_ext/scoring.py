@@ -54,7 +54,7 @@ class PairScores:
 
     def in_scope(self, scope: str) -> tuple[LayerScore, ...]:
         """Layers K-LoRA switches: UNet/Flux layers both LoRAs patch; `attention` keeps only to_q/k/v/out.0."""
-        switchable = [s for s in self.layers if not s.id.startswith(("te1:", "te2:"))]
+        switchable = [s for s in self.layers if not s.id.startswith(("te1:", "te2:", "t5:"))]
         if scope == "attention":
             switchable = [s for s in switchable if keys.is_attention(s.id)]
         return tuple(switchable)

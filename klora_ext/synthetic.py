@@ -324,3 +324,129 @@ def write_demo_pair(folder: str | os.PathLike[str]) -> tuple[str, str]:
 
 def _half(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.float16) for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flux: the same weights in fused (kohya / BFL) and split (diffusers / ai-toolkit / PEFT / OneTrainer) key styles
+# ---------------------------------------------------------------------------------------------------------------
+
+FLUX_STYLES = ("kohya", "bfl", "bfl-bare", "diffusers", "onetrainer", "lycoris", "peft")
+_FLUX_SUFFIX = {
+    "kohya": ("lora_down.weight", "lora_up.weight"),
+    "onetrainer": ("lora_down.weight", "lora_up.weight"),
+    "lycoris": ("lora_down.weight", "lora_up.weight"),
+    "bfl": ("lora_A.weight", "lora_B.weight"),
+    "bfl-bare": ("lora_A.weight", "lora_B.weight"),
+    "diffusers": ("lora_A.weight", "lora_B.weight"),
+    "peft": ("lora_A.weight", "lora_B.weight"),
+}
+
+
+def flux_layer_shapes(double: int = 1, single: int = 1, hidden: int = 8, *, globals_: bool = True) -> list[LayerShape]:
+    """Canonical Flux ids (BFL paths, fused weights as [q]/[k]/[v]/[mlp] slices) with their target shapes, at a small
+    hidden size (mlp ratio 4 like Flux-dev; in/out channels 16, context 12, vector 10, timestep 256 -> 8 here)."""
+    h, m = hidden, 4 * hidden
+    out: list[LayerShape] = []
+    if globals_:
+        out += [
+            ("flux:img_in", (h, 16)),
+            ("flux:time_in.in_layer", (h, 8)),
+            ("flux:time_in.out_layer", (h, h)),
+            ("flux:vector_in.in_layer", (h, 10)),
+            ("flux:txt_in", (h, 12)),
+        ]
+    for n in range(double):
+        b = f"flux:double_blocks.{n}"
+        for side in ("img", "txt"):
+            out.append((f"{b}.{side}_mod.lin", (6 * h, h)))
+            out += [(f"{b}.{side}_attn.qkv[{p}]", (h, h)) for p in ("q", "k", "v")]
+            out += [(f"{b}.{side}_attn.proj", (h, h)), (f"{b}.{side}_mlp.0", (m, h)), (f"{b}.{side}_mlp.2", (h, m))]
+    for n in range(single):
+        b = f"flux:single_blocks.{n}"
+        out.append((f"{b}.modulation.lin", (3 * h, h)))
+        out += [(f"{b}.linear1[{p}]", (h, h)) for p in ("q", "k", "v")]
+        out += [(f"{b}.linear1[mlp]", (m, h)), (f"{b}.linear2", (h, h + m))]
+    if globals_:
+        out += [("flux:final_layer.adaLN_modulation.1", (2 * h, h)), ("flux:final_layer.linear", (16, h))]
+    return sorted(out, key=lambda ls: keys.forward_order_key(ls[0]))
+
+
+def _flux_module(layer_id: str, style: str) -> str:
+    """The module key of a canonical Flux id (a fused id for kohya/BFL styles) in a file style."""
+    path = keys.layer_id_parts(layer_id)[1]
+    if style in ("kohya", "bfl", "bfl-bare"):
+        if style == "kohya":
+            return "lora_unet_" + path.replace(".", "_")
+        return ("diffusion_model." if style == "bfl" else "") + path
+    d = keys.diffusers_name(layer_id, "flux")
+    if d is None:
+        raise ValueError(f"{layer_id} has no diffusers name")
+    d = d[len("transformer.") :]
+    if style == "diffusers":
+        return "transformer." + d
+    if style == "peft":
+        return "base_model.model." + d
+    return ("lora_transformer_" if style == "onetrainer" else "lycoris_") + d.replace(".", "_")
+
+
+def make_flux_state_dict(
+    layers: Iterable[LayerShape],
+    rank: int,
+    *,
+    style: str = "kohya",
+    fused: str = "sparse",
+    alpha: float | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """A Flux LoRA state dict for canonical ids (from :func:`flux_layer_shapes`), the same weights in every style.
+
+    Split styles (diffusers, onetrainer, lycoris, peft) write one LoRA per slice (to_q, add_k_proj, proj_mlp, ...);
+    fused styles (kohya, bfl, bfl-bare) write one per fused weight, the way sd-scripts' convert_flux_lora does:
+    ``fused="sparse"``: slices drawn independently, fused down = their downs stacked (rank n*r), up block-diagonal,
+    alpha n*alpha; ``fused="dense"``: the slices of a fused weight share one down (drawn per fused weight), fused up =
+    their ups stacked, rank r. diffusers' ``norm_out.linear`` gets the BFL rows' halves swapped (Forge's
+    swap_scale_shift)."""
+    if style not in FLUX_STYLES:
+        raise ValueError(f"style must be one of {FLUX_STYLES}, got {style!r}")
+    if fused not in ("sparse", "dense"):
+        raise ValueError(f"fused must be 'sparse' or 'dense', got {fused!r}")
+    down_k, up_k = _FLUX_SUFFIX[style]
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    groups: dict[str, list[str]] = {}
+    for layer_id, shape in layers:
+        base, part = keys.split_slice(layer_id)
+        r = max(1, min(rank, shape[0], shape[1]))
+        f = _lora_factors(_generator(seed, layer_id), tuple(shape), r, 1.0)
+        if part is not None and fused == "dense":
+            f["down"] = _lora_factors(_generator(seed, base), tuple(shape), r, 1.0)["down"]
+        factors[layer_id] = f
+        groups.setdefault(base if part else layer_id, []).append(layer_id)
+    sd: dict[str, torch.Tensor] = {}
+
+    def put(module: str, down: torch.Tensor, up: torch.Tensor, a: float | None) -> None:
+        sd[f"{module}.{down_k}"] = down.to(dtype).contiguous()
+        sd[f"{module}.{up_k}"] = up.to(dtype).contiguous()
+        if a is not None:
+            sd[f"{module}.alpha"] = torch.tensor(float(a), dtype=dtype)
+
+    split_style = style not in ("kohya", "bfl", "bfl-bare")
+    for base, members in groups.items():
+        if split_style or members == [base]:
+            for layer_id in members:
+                f = factors[layer_id]
+                up = f["up"]
+                if split_style and keys.flux_needs_swap(layer_id):
+                    half = up.shape[0] // 2
+                    up = torch.cat([up[half:], up[:half]])
+                put(_flux_module(layer_id, style), f["down"], up, alpha)
+            continue
+        order = sorted(members, key=keys.forward_order_key)
+        ups = [factors[i]["up"] for i in order]
+        if fused == "dense":
+            put(_flux_module(base, style), factors[order[0]]["down"], torch.cat(ups), alpha)
+        else:
+            down = torch.cat([factors[i]["down"] for i in order])
+            up = torch.block_diag(*ups)
+            put(_flux_module(base, style), down, up, None if alpha is None else alpha * len(order))
+    return sd

@@ -80,6 +80,31 @@ def test_errors_exit_2_with_message(tiny_pair, tmp_path: Path, capsys) -> None:
 def test_inspect(tiny_pair) -> None:
     code, text = run(["inspect", str(tiny_pair[0])])
     assert code == 0 and "dog: arch sd15" in text and "attention projections: 24" in text
+    n = len(synthetic.layer_shapes("tiny", "all"))
+    assert f"a1111: applies all {n} layers" in text and f"forge: applies all {n} layers" in text
+
+
+def test_inspect_and_plan_notes_for_flux_dora_static(tmp_path: Path) -> None:
+    import torch
+
+    shapes = synthetic.flux_layer_shapes(double=1, single=1, hidden=8)
+    sd = synthetic.make_flux_state_dict(shapes, 2, style="diffusers", alpha=1.0, seed=1)
+    first = "transformer.transformer_blocks.0.attn.to_q"
+    sd[f"{first}.dora_scale"] = torch.ones(8, 1)
+    sd["transformer.proj_out.diff_b"] = torch.ones(16)
+    style = synthetic.save_lora(tmp_path / "style.safetensors", sd)
+    content = synthetic.save_lora(
+        tmp_path / "content.safetensors", synthetic.make_flux_state_dict(shapes, 2, style="kohya", seed=2)
+    )
+    code, text = run(["inspect", style])
+    assert code == 0 and "arch flux" in text
+    assert "1 DoRA layers scored with the plain LoRA delta" in text
+    assert "1 static layers (bias 1)" in text
+    assert "a1111: applies nothing (A1111 has no Flux models)" in text
+    code, text = run(["plan", content, style, "--steps", "6"])
+    assert code == 0
+    assert f"shared layers: {len(shapes)}" in text  # kohya (fused) and diffusers (split) files share every slice
+    assert "note: style: 1 DoRA layers scored with the plain LoRA delta dW" in text
 
 
 def test_demo_runs_as_a_newcomer_would(tmp_path: Path) -> None:

@@ -298,7 +298,6 @@ def test_unrecognised() -> None:
         ),
         ("unet.a.b.lora_magnitude_vector", ("unet.a.b", "magnitude")),  # PEFT DoRA: read since issue 7
         ("lora_unet_a_b.weight", ("lora_unet_a_b", "ia3_w")),  # (IA)3 vector, kohya-style names only
-        ("unet.a.b.weight", None),
         ("lora_unet_a_b.a1.weight", ("lora_unet_a_b", "glora_a1")),
         ("lora_unet_a_b.oft_blocks", ("lora_unet_a_b", "oft_blocks")),
         ("unet.a.b.weight", None),

@@ -7,13 +7,16 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from klora_ext import keys
 from klora_ext.errors import KLoraError
+from klora_ext.keys import split_slice
 from klora_ext.lora_file import LoraFile, parse_state_dict, read_lora
 from klora_ext.synthetic import layer_shapes, make_lora_state_dict, save_lora
 
@@ -564,3 +567,319 @@ def test_low_rank_factors_reproduce_the_delta() -> None:
     for kind in ("loha", "lokr"):
         other = parse_state_dict(synthetic.make_lora_state_dict(layers[:4], 2, kind=kind, seed=5))
         assert all(layer.low_rank() is None for layer in other.layers.values())
+
+
+# ---- issue 7: formats the hosts apply -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_integer_alpha_is_read_like_the_hosts_item(dtype: torch.dtype) -> None:
+    # diffusers' kohya converter writes integer alphas; A1111 and Forge read alpha with .item()
+    down, up = _r(4, 8, seed=1), _r(8, 4, seed=2)
+    _, layer = _one(
+        {f"{Q}.lora_down.weight": down, f"{Q}.lora_up.weight": up, f"{Q}.alpha": torch.tensor(2, dtype=dtype)}
+    )
+    assert layer.scale == 2 / 4
+    torch.testing.assert_close(layer.delta(), (up @ down) * 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_files(tmp_path: Path, dtype: torch.dtype) -> None:
+    down, up = _r(4, 8, seed=1).to(dtype), _r(8, 4, seed=2).to(dtype)
+    sd = {f"{Q}.lora_down.weight": down, f"{Q}.lora_up.weight": up, f"{Q}.alpha": torch.tensor(4.0)}
+    path = save_lora(tmp_path / "fp8.safetensors", sd)
+    layer = read_lora(path).layers[Q_ID]
+    assert layer.factors["up"].dtype == dtype  # kept as stored
+    expected = up.to(torch.float64) @ down.to(torch.float64)  # the stored fp8 values, multiplied exactly
+    torch.testing.assert_close(layer.delta(), expected.float(), rtol=1e-6, atol=1e-6)
+    bad = dict(sd)
+    bad[f"{Q}.lora_up.weight"] = torch.full((8, 4), float("nan")).to(dtype)
+    with pytest.raises(KLoraError, match="NaN/Inf"):
+        parse_state_dict(bad, name="bad")
+
+
+def _dora_reference(w: np.ndarray, d: np.ndarray, m: np.ndarray, axis: str) -> np.ndarray:
+    merged = w + d
+    if axis == "out":
+        norm = np.linalg.norm(merged.reshape(merged.shape[0], -1), axis=1).reshape(-1, *[1] * (w.ndim - 1))
+    else:
+        norm = np.sqrt((merged**2).sum(axis=tuple(i for i in range(w.ndim) if i != 1), keepdims=True))
+    return merged * (m.reshape(norm.shape) / norm) - w
+
+
+@pytest.mark.parametrize(
+    ("mag_shape", "axis", "suffix"),
+    [((1, 8), "in", "dora_scale"), ((6, 1), "out", "dora_scale"), ((6,), "out", "lora_magnitude_vector")],
+)
+def test_dora_delta_against_a_direct_formula(mag_shape: tuple[int, ...], axis: str, suffix: str) -> None:
+    down, up, mag = _r(3, 8, seed=1), _r(6, 3, seed=2), _r(*mag_shape, seed=3).abs() + 0.5
+    w = _r(6, 8, seed=4)
+    module = Q if suffix == "dora_scale" else "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    names = ("lora_down.weight", "lora_up.weight") if suffix == "dora_scale" else ("lora_A.weight", "lora_B.weight")
+    sd = {f"{module}.{names[0]}": down, f"{module}.{names[1]}": up, f"{module}.alpha": torch.tensor(1.5)}
+    sd[f"{module}.{suffix}"] = mag
+    lora, layer = _one(sd)
+    assert layer.is_dora and layer.needs_base and not layer.static
+    assert layer.low_rank() is None  # a DoRA delta has no (up, down) factorisation
+    plain = (up.double() @ down.double()).numpy() * (1.5 / 3)
+    np.testing.assert_allclose(layer.delta().numpy(), plain, rtol=1e-5, atol=1e-6)  # no base: plain dW (+ a note)
+    assert any("DoRA" in w and "plain" in w for w in lora.warnings)
+    expected = _dora_reference(w.double().numpy(), plain, mag.double().numpy(), axis)
+    np.testing.assert_allclose(layer.delta(base_weight=w).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert lora.kinds() == {"lora+dora": 1}
+
+
+def test_dora_conv_input_axis() -> None:
+    down, up, mag = _r(2, 4, 3, 3, seed=1), _r(6, 2, 1, 1, seed=2), _r(1, 4, 1, 1, seed=3).abs() + 0.5
+    w = _r(6, 4, 3, 3, seed=4)
+    _, layer = _one({f"{CONV}.lora_down.weight": down, f"{CONV}.lora_up.weight": up, f"{CONV}.dora_scale": mag})
+    plain = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down).double().numpy()
+    expected = _dora_reference(w.double().numpy(), plain, mag.double().numpy(), "in")
+    np.testing.assert_allclose(layer.delta(base_weight=w).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_full_layers_get_a_numerical_rank() -> None:
+    a, b = _r(40, 3, seed=1), _r(3, 36, seed=2)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        _, layer = _one({f"{Q}.diff": (a @ b).to(dtype)})
+        assert (layer.kind, layer.rank) == ("full", 3), dtype  # not min(out, in) = 36
+    _, layer = _one({f"{Q}.diff": _r(40, 36, seed=3)})
+    assert layer.rank == 36  # a random matrix has full rank
+    _, layer = _one({f"{Q}.diff": _r(300, 280, seed=4)})
+    assert layer.rank == 256  # capped (MAX_NUMERICAL_RANK)
+    # the same count as numpy's SVD with the documented tolerance
+    m = (a @ b + 1e-5 * _r(40, 36, seed=5)).double().numpy()
+    s = np.linalg.svd(m, compute_uv=False)
+    _, layer = _one({f"{Q}.diff": torch.from_numpy(m).float()})
+    assert layer.rank == int((s > 1e-3 * s[0]).sum()) == 3
+
+
+def test_ia3_glora_norm_and_bias_are_static_layers() -> None:
+    k_mod = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+    k_id = "unet:input_blocks.1.1.transformer_blocks.0.attn1.to_k"
+    w = _r(6, 8, seed=9)
+    vec = _r(6, seed=1)
+    a1, a2, b1, b2 = _r(2, 8, seed=2), _r(8, 2, seed=3), _r(2, 8, seed=4), _r(6, 2, seed=5)
+    sd = {
+        f"{Q}.lora_down.weight": _r(2, 8, seed=6),
+        f"{Q}.lora_up.weight": _r(6, 2, seed=7),
+        f"{k_mod}.weight": vec,  # (IA)3: scales the output rows
+        f"{k_mod}.on_input": torch.tensor(False),
+        f"{CONV}.a1.weight": a1,
+        f"{CONV}.a2.weight": a2,
+        f"{CONV}.b1.weight": b1,
+        f"{CONV}.b2.weight": b2,
+        f"{CONV}.alpha": torch.tensor(2.0),
+        f"{Q}.diff_b": _r(6, seed=8),
+        "lora_unet_down_blocks_0_resnets_0_norm1.w_norm": _r(4, seed=10),
+        "lora_unet_down_blocks_0_resnets_0_norm1.b_norm": _r(4, seed=11),
+    }
+    lora = parse_state_dict(sd, name="static")
+    assert list(lora.layers) == [Q_ID]  # only the LoRA layer is switchable
+    kinds = {i: layer.kind for i, layer in lora.static_layers.items()}
+    assert kinds == {
+        k_id: "ia3",
+        CONV_ID: "glora",
+        Q_ID + "#bias": "bias",
+        "unet:input_blocks.1.0.in_layers.0": "norm",
+    }
+    assert all(layer.static for layer in lora.static_layers.values())
+    ia3 = lora.static_layers[k_id]
+    torch.testing.assert_close(ia3.delta(base_weight=w), w * vec.reshape(-1, 1))
+    with pytest.raises(KLoraError, match="depends on the base weight"):
+        ia3.delta()
+    glora = lora.static_layers[CONV_ID]
+    wc = _r(6, 8, seed=12)
+    torch.testing.assert_close(glora.delta(base_weight=wc), b2 @ b1 + (wc @ a2) @ a1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora.static_layers[Q_ID + "#bias"].delta(), sd[f"{Q}.diff_b"])
+    assert any("static layers" in w for w in lora.warnings)
+    assert lora.unknown_keys == []
+
+
+def test_ia3_on_input_scales_columns() -> None:
+    mod = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+    vec, w = _r(8, seed=1), _r(6, 8, seed=2)
+    lora = parse_state_dict({f"{mod}.weight": vec, f"{mod}.on_input": torch.tensor(1)}, name="ia3")
+    layer = next(iter(lora.static_layers.values()))
+    torch.testing.assert_close(layer.delta(base_weight=w), w * vec.reshape(1, -1))
+
+
+def test_unknown_format_names_what_was_seen() -> None:
+    sd = {f"lora_unet_a_{i}.oft_blocks": _r(2, 4, 4) for i in range(3)}
+    with pytest.raises(KLoraError, match=r"no LoRA layers recognised .*'oft_blocks' \(3 keys\)"):
+        parse_state_dict(sd, name="oft")
+    with pytest.raises(KLoraError, match=r"key endings seen: 'foo.weight' \(2\)"):
+        parse_state_dict({"model.foo.weight": _r(2, 2), "other.foo.weight": _r(2, 2)}, name="ckpt")
+
+
+# ---- Flux: fused (kohya / BFL) and split (diffusers / PEFT / OneTrainer) files of the same weights ----------------
+
+
+def _flux_reference(sd: dict[str, torch.Tensor], module: str, down_k: str, up_k: str) -> torch.Tensor:
+    # Direct formula in float64: up @ down * alpha / rank.
+    down, up = sd[f"{module}.{down_k}"].double(), sd[f"{module}.{up_k}"].double()
+    return up @ down * (float(sd[f"{module}.alpha"]) / down.shape[0])
+
+
+@pytest.mark.parametrize("fused", ["sparse", "dense"])
+def test_flux_fused_and_split_files_agree(fused: str) -> None:
+    from klora_ext import synthetic
+
+    shapes = synthetic.flux_layer_shapes(double=2, single=2, hidden=8)
+    ids = [i for i, _ in shapes]
+    files = {
+        style: parse_state_dict(
+            synthetic.make_flux_state_dict(shapes, 2, style=style, fused=fused, alpha=1.0, seed=3), name=style
+        )
+        for style in synthetic.FLUX_STYLES
+    }
+    kohya_sd = synthetic.make_flux_state_dict(shapes, 2, style="kohya", fused=fused, alpha=1.0, seed=3)
+    diff_sd = synthetic.make_flux_state_dict(shapes, 2, style="diffusers", fused=fused, alpha=1.0, seed=3)
+    for style, lora in files.items():
+        assert lora.arch == "flux", style
+        assert list(lora.layers) == ids, style
+        assert not lora.unknown_keys, style
+    h = 8
+    for layer_id, shape in shapes:
+        base, part = split_slice(layer_id)
+        path = base.split(":", 1)[1]
+        # independent references: the kohya file's fused product, rows of the slice; the diffusers file's product
+        kohya_full = _flux_reference(
+            kohya_sd, "lora_unet_" + path.replace(".", "_"), "lora_down.weight", "lora_up.weight"
+        )
+        if part is not None:
+            start = {"q": 0, "k": h, "v": 2 * h, "mlp": 3 * h}[part]
+            kohya_ref = kohya_full[start : start + shape[0]]
+        else:
+            kohya_ref = kohya_full
+        dname = keys.diffusers_name(layer_id, "flux")
+        diff_ref = _flux_reference(diff_sd, dname, "lora_A.weight", "lora_B.weight")
+        if keys.flux_needs_swap(layer_id):  # diffusers norm_out.linear: (scale, shift) vs BFL (shift, scale)
+            diff_ref = torch.cat([diff_ref[shape[0] // 2 :], diff_ref[: shape[0] // 2]])
+        torch.testing.assert_close(kohya_ref, diff_ref, rtol=1e-6, atol=1e-7)  # the fixture holds the same weights
+        ranks = {style: lora.layers[layer_id].rank for style, lora in files.items()}
+        assert set(ranks.values()) == {2}, (layer_id, ranks)  # K = r_c * r_s the same whichever way it is stored
+        for style, lora in files.items():
+            layer = lora.layers[layer_id]
+            assert layer.shape == shape
+            torch.testing.assert_close(layer.delta().double(), kohya_ref, rtol=1e-5, atol=1e-6, msg=style)
+
+
+def test_flux_mixed_pair_gives_the_same_plan() -> None:
+    from klora_ext import synthetic
+    from klora_ext.args import KLoraArgs
+    from klora_ext.plan import Plan
+    from klora_ext.scoring import compute_scores
+
+    shapes = synthetic.flux_layer_shapes(double=2, single=2, hidden=8)
+
+    def lora(style: str, seed: int, rank: int) -> LoraFile:
+        sd = synthetic.make_flux_state_dict(shapes, rank, style=style, alpha=1.0, seed=seed)
+        return parse_state_dict(sd, name=f"{style}{seed}")
+
+    args = KLoraArgs(enabled=True, content="c", style="s")
+    plans = {}
+    for c_style, s_style in (("kohya", "kohya"), ("diffusers", "diffusers"), ("kohya", "diffusers"), ("peft", "bfl")):
+        scores = compute_scores(lora(c_style, 1, 2), lora(s_style, 2, 3), k_multiplier=1.0)
+        assert len(scores.layers) == len(shapes)
+        assert not scores.content_only and not scores.style_only
+        plans[(c_style, s_style)] = (scores, Plan.build(scores, args, 10))
+    ref_scores, ref_plan = plans[("kohya", "kohya")]
+    for (c_style, s_style), (scores, plan) in plans.items():
+        assert plan.layer_ids == ref_plan.layer_ids
+        assert np.array_equal(plan.roles, ref_plan.roles), (c_style, s_style)
+        for a, b in zip(scores.layers, ref_scores.layers):
+            assert (a.id, a.k, a.rank_content, a.rank_style) == (b.id, b.k, b.rank_content, b.rank_style)
+            assert a.score_content == pytest.approx(b.score_content, rel=1e-5)
+            assert a.score_style == pytest.approx(b.score_style, rel=1e-5)
+
+
+def test_flux_t5_and_clip_keys_are_text_encoders() -> None:
+    from klora_ext import synthetic
+
+    shapes = synthetic.flux_layer_shapes(double=1, single=0, hidden=8, globals_=False)
+    sd = synthetic.make_flux_state_dict(shapes, 2, style="kohya", alpha=1.0)
+    sd["lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"] = _r(2, 8)
+    sd["lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = _r(8, 2)
+    sd["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = _r(2, 8)
+    sd["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = _r(32, 2)
+    lora = parse_state_dict(sd, name="flux-te")
+    assert "t5:encoder.block.0.layer.0.SelfAttention.q" in lora.layers
+    assert "te1:text_model.encoder.layers.0.mlp.fc1" in lora.layers
+    assert not any(i.startswith("other:") for i in lora.layers)
+    support = lora.host_support["forge"]
+    assert not support.refused and "t5:encoder.block.0.layer.0.SelfAttention.q" in support.applied
+
+
+def test_fused_dora_layer_is_kept_whole() -> None:
+    mod = "lora_unet_double_blocks_0_img_attn_qkv"
+    sd = {
+        f"{mod}.lora_down.weight": _r(2, 8),
+        f"{mod}.lora_up.weight": _r(24, 2),
+        f"{mod}.dora_scale": _r(24, 1).abs(),
+    }
+    lora = parse_state_dict(sd, name="fused-dora")
+    assert list(lora.layers) == ["flux:double_blocks.0.img_attn.qkv"]
+
+
+# ---- what each host applies -----------------------------------------------------------------------------------------
+
+
+def test_host_support_kohya_vs_diffusers_sd_files() -> None:
+    shapes = layer_shapes("tiny", "attention")
+    kohya = parse_state_dict(make_lora_state_dict(shapes, 2, style="kohya"), name="k")
+    for host in ("a1111", "forge"):
+        s = kohya.host_support[host]
+        assert not s.refused and set(s.applied) == set(kohya.layers) and not s.ignored, host
+    # diffusers/PEFT dotted keys: A1111 splits keys at their first dot (nothing matches); Forge keys attention
+    # projections only in the processor form, leaves > 12 keys unmatched and then loads nothing of the file.
+    for style in ("diffusers", "peft"):
+        lora = parse_state_dict(make_lora_state_dict(shapes, 2, style=style), name=style)
+        assert lora.host_support["a1111"].refused
+        forge = lora.host_support["forge"]
+        assert forge.refused and "unmatched" in forge.note
+    authors = {
+        f"unet.unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.{p}.lora.{ud}.weight": _r(8, 2)
+        if ud == "up"
+        else _r(2, 8)
+        for p in ("to_q", "to_k", "to_v", "to_out.0")
+        for ud in ("up", "down")
+    }
+    lora = parse_state_dict(authors, name="authors")
+    assert len(lora.layers) == 4  # read as UNet layers with normal ids
+    assert all(i.startswith("unet:input_blocks.1.1.transformer_blocks.0.attn1.") for i in lora.layers)
+    assert lora.host_support["forge"].refused and lora.host_support["a1111"].refused
+
+
+def test_host_support_processor_form_and_non_attention_diffusers_keys_on_forge() -> None:
+    proc = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora"
+    ff = "unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"
+    sd = {
+        f"{proc}.down.weight": _r(2, 8),
+        f"{proc}.up.weight": _r(8, 2),
+        f"{ff}.lora_A.weight": _r(2, 32),
+        f"{ff}.lora_B.weight": _r(8, 2),
+    }
+    lora = parse_state_dict(sd, name="mixed")
+    forge = lora.host_support["forge"]
+    assert not forge.refused and set(forge.applied) == set(lora.layers)
+
+
+def test_host_support_flux_and_forge_only_suffixes() -> None:
+    from klora_ext import synthetic
+
+    shapes = synthetic.flux_layer_shapes(double=1, single=1, hidden=8)
+    for style, forge_ok in (
+        ("kohya", True),
+        ("diffusers", True),
+        ("onetrainer", True),
+        ("bfl", True),
+        ("peft", False),
+    ):
+        lora = parse_state_dict(synthetic.make_flux_state_dict(shapes, 2, style=style), name=style)
+        assert lora.host_support["a1111"].refused and "Flux" in lora.host_support["a1111"].note
+        assert lora.host_support["forge"].refused is not forge_ok, style
+    # IA3 is A1111-only; a PEFT magnitude is read by neither host
+    mod = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+    ia3 = parse_state_dict({f"{mod}.weight": _r(8), f"{mod}.on_input": torch.tensor(0)}, name="ia3")
+    assert ia3.host_support["a1111"].applied and not ia3.host_support["forge"].applied

@@ -197,3 +197,48 @@ def test_save_lora(tmp_path: Path) -> None:
         assert set(fh.keys()) == set(sd)
         for k in sd:
             assert torch.equal(fh.get_tensor(k), sd[k])
+
+
+def test_flux_shapes_and_key_names() -> None:
+    from klora_ext.synthetic import FLUX_STYLES, flux_layer_shapes, make_flux_state_dict
+
+    shapes = flux_layer_shapes(double=1, single=1, hidden=8)
+    ids = [i for i, _ in shapes]
+    assert ids == sorted(ids, key=keys.forward_order_key)
+    assert dict(shapes)["flux:single_blocks.0.linear1[mlp]"] == (32, 8)
+    assert dict(shapes)["flux:single_blocks.0.linear2"] == (8, 40)
+    names = {style: set(make_flux_state_dict(shapes, 2, style=style, alpha=1.0)) for style in FLUX_STYLES}
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in names["kohya"]
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in names["kohya"]
+    assert "diffusion_model.double_blocks.0.txt_attn.qkv.lora_A.weight" in names["bfl"]
+    assert "single_blocks.0.linear2.lora_B.weight" in names["bfl-bare"]
+    assert "transformer.transformer_blocks.0.attn.add_k_proj.lora_A.weight" in names["diffusers"]
+    assert "transformer.single_transformer_blocks.0.proj_mlp.alpha" in names["diffusers"]
+    assert "transformer.norm_out.linear.lora_B.weight" in names["diffusers"]
+    assert "lora_transformer_single_transformer_blocks_0_attn_to_v.lora_down.weight" in names["onetrainer"]
+    assert "lycoris_transformer_blocks_0_ff_context_net_2.lora_up.weight" in names["lycoris"]
+    assert "base_model.model.x_embedder.lora_A.weight" in names["peft"]
+    assert not any("qkv" in k or "linear1" in k for k in names["diffusers"])  # split styles never fuse
+
+
+def test_flux_fused_layouts() -> None:
+    from klora_ext.synthetic import flux_layer_shapes, make_flux_state_dict
+
+    shapes = flux_layer_shapes(double=1, single=1, hidden=8, globals_=False)
+    mod = "lora_unet_single_blocks_0_linear1"
+    sparse = make_flux_state_dict(shapes, 2, style="kohya", fused="sparse", alpha=1.5)
+    split = make_flux_state_dict(shapes, 2, style="diffusers", alpha=1.5)
+    assert sparse[f"{mod}.lora_down.weight"].shape == (8, 8)  # 4 slices x rank 2
+    up = sparse[f"{mod}.lora_up.weight"]
+    assert up.shape == (56, 8) and float(sparse[f"{mod}.alpha"]) == 6.0
+    assert torch.count_nonzero(up[:8, 2:]) == 0 and torch.count_nonzero(up[24:, :6]) == 0  # block-diagonal
+    q = "transformer.single_transformer_blocks.0.attn.to_q"
+    assert torch.equal(up[:8, :2], split[f"{q}.lora_B.weight"])
+    dense = make_flux_state_dict(shapes, 2, style="kohya", fused="dense", alpha=1.5)
+    dense_split = make_flux_state_dict(shapes, 2, style="diffusers", fused="dense", alpha=1.5)
+    assert dense[f"{mod}.lora_down.weight"].shape == (2, 8) and float(dense[f"{mod}.alpha"]) == 1.5
+    for p in ("attn.to_k", "proj_mlp"):
+        name = f"transformer.single_transformer_blocks.0.{p}.lora_A.weight"
+        assert torch.equal(dense_split[name], dense[f"{mod}.lora_down.weight"])  # one shared down
+    with pytest.raises(ValueError, match="style must be one of"):
+        make_flux_state_dict(shapes, 2, style="comfy")
