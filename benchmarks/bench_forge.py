@@ -19,6 +19,12 @@ flip, applied at the denoiser callback) against what peers do per switch: a full
     python benchmarks/bench_forge.py --micro --arch sd15 --scope transformer --steps 30
     python benchmarks/bench_forge.py --micro --arch sdxl --dtype float16      # ~5 GB RAM
 
+Memory (``--memory``): peak RAM (and VRAM on CUDA) of one K-LoRA generation against one plain generation with both
+LoRAs in the prompt, same fake host, same layers; each in its own process so the peaks do not mix. Printed side by
+side with the ratio (goal: K-LoRA <= 1.05 x plain, i.e. no weight copy beside Forge's own backup).
+
+    python benchmarks/bench_forge.py --memory --arch sdxl --scope attention --dtype float16   # SDXL-sized, ~4 GB
+
 Figures are printed, never asserted.
 """
 
@@ -220,6 +226,133 @@ def bench_micro(a: argparse.Namespace) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# memory mode (fake host, one process per configuration)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class _PeakRSS:
+    """Peak resident memory while active: the kernel's high-water mark, reset at the start where Linux allows it
+    (/proc/self/clear_refs), else a 1 ms sampler."""
+
+    def __enter__(self) -> _PeakRSS:
+        import threading
+
+        self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def mem_child(a: argparse.Namespace) -> None:
+    """One generation (``--mem-child plain`` or ``klora``) on a fresh fake host; prints one JSON line."""
+    import gc
+
+    import torch
+
+    from klora_ext import synthetic
+    from klora_ext.args import KLoraArgs
+    from tests.fakes.forge.host import FakeForge, ScriptRunner, StableDiffusionProcessingTxt2Img, make_engine
+
+    torch.set_num_threads(max(1, a.threads))
+    dtype = getattr(torch, a.dtype)
+    layers = synthetic.layer_shapes(a.arch, a.scope)
+    engine = make_engine([(lid.split(":", 1)[1], shape) for lid, shape in layers], [("text_model.x.fc1", (8, 8))])
+    model = engine.forge_objects.unet.model
+    model.to(device=a.device, dtype=dtype)
+    for patcher in (engine.forge_objects.unet, engine.forge_objects_original.unet):
+        patcher.load_device = torch.device(a.device)
+    host = FakeForge(engine)
+    host.install(lambda mapping, key, value: mapping.__setitem__(key, value))
+    cuda = a.device.startswith("cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        import os
+
+        os.environ["KLORA_CACHE_PATH"] = str(Path(tmp) / "scores.json")
+        for name, seed, rank in (("content", 1, a.rank_content), ("style", 2, a.rank_style)):
+            sd = synthetic.make_lora_state_dict(layers, rank, seed=seed, alpha=None, arch="sdxl", dtype=torch.float16)
+            host.add_lora_file(name, synthetic.save_lora(Path(tmp) / f"{name}.safetensors", sd))
+            del sd
+        host.networks.list_available_networks()
+        from klora_ext.webui.forge import ForgeAdapter
+
+        if a.mem_child == "klora":
+            args = KLoraArgs(enabled=True, content="content", style="style", content_weight=a.wc, style_weight=a.ws)
+            runner = ScriptRunner([(_Driver(ForgeAdapter(), args), [])])
+            loras: list[tuple[str, float]] = []
+        else:
+            runner, loras = None, [("content", a.wc), ("style", a.ws)]
+        gc.collect()
+        base = _rss()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            cuda_base = torch.cuda.memory_allocated()
+        with _PeakRSS() as peak:
+            p = StableDiffusionProcessingTxt2Img(steps=a.steps, scripts=runner)
+            p.prompt_loras = list(loras)
+            host.process_images(p)
+        out = {"config": a.mem_child, "base": base, "peak": peak.peak}
+        if cuda:
+            out.update(cuda_base=cuda_base, cuda_peak=torch.cuda.max_memory_allocated())
+        print(json.dumps(out))
+
+
+def bench_memory(a: argparse.Namespace) -> None:
+    import os
+    import subprocess
+
+    import torch
+
+    from klora_ext import synthetic
+
+    layers = synthetic.layer_shapes(a.arch, a.scope)
+    itemsize = torch.empty((), dtype=getattr(torch, a.dtype)).element_size()
+    size = sum(torch.Size(s).numel() for _, s in layers) * itemsize
+    print(
+        f"fake Forge host: {a.arch} {a.scope}: {len(layers)} layers, {size / 2**30:.2f} GiB of weights ({a.dtype}), "
+        f"device {a.device}; both LoRAs patch every layer (ranks {a.rank_content}/{a.rank_style}), {a.steps} steps"
+    )
+    results = {}
+    for config in ("plain", "klora"):
+        cmd = [sys.executable, __file__, "--mem-child", config]
+        for flag in ("arch", "scope", "dtype", "device", "threads", "steps", "rank_content", "rank_style", "wc", "ws"):
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
+        # A fixed mmap threshold: glibc then returns every freed tensor to the OS at once, so RSS follows the live
+        # tensors (with its default, freed memory stays resident and later tensors reuse it unseen).
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        results[config] = json.loads(done.stdout.strip().splitlines()[-1])
+    gib = 2**30
+    plain, ours = results["plain"], results["klora"]
+    print(f"{'':28}{'plain 2 LoRAs':>16}{'K-LoRA':>12}{'ratio':>8}")
+    pk, kk = plain["peak"], ours["peak"]
+    print(f"{'peak RSS (GiB)':28}{pk / gib:16.3f}{kk / gib:12.3f}{kk / pk:8.3f}")
+    grow_p, grow_k = plain["peak"] - plain["base"], ours["peak"] - ours["base"]
+    print(f"{'  above the loaded model':28}{grow_p / gib:16.3f}{grow_k / gib:12.3f}{grow_k / max(grow_p, 1):8.3f}")
+    if "cuda_peak" in plain:
+        cp, ck = plain["cuda_peak"], ours["cuda_peak"]
+        print(f"{'peak VRAM allocated (GiB)':28}{cp / gib:16.3f}{ck / gib:12.3f}{ck / cp:8.3f}")
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -248,8 +381,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--memory", action="store_true", help="no server: peak RAM/VRAM, K-LoRA vs plain (fake host)")
+    ap.add_argument("--mem-child", choices=("plain", "klora"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.micro:
+    if a.mem_child:
+        mem_child(a)
+    elif a.memory:
+        bench_memory(a)
+    elif a.micro:
         bench_micro(a)
     elif a.url:
         bench_server(a)

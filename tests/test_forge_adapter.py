@@ -308,10 +308,92 @@ def test_hook_path_for_quantized_and_offloaded_layers(forge: World, monkeypatch:
     forge.generate(p, [(forge.direct(adapter, args), [])], probe)
     modes = checker.calls[0].modes
     assert {modes[GGUF], modes[OFFLOADED], modes[FP8]} == {"B"}
-    assert sum(m == "A" for m in modes.values()) == len(modes) - 3
+    # the style-only layer: Forge merged nothing into it, so it has no Forge backup to restore from -> hook
+    assert modes[STYLE_ONLY] == "B"
+    assert sum(m == "A" for m in modes.values()) == len(modes) - 4
     assert max(hooks_seen) >= 1
     assert_equal_state(forge.snapshot(), checker.host_states[-1])
     assert no_hooks(forge)
+
+
+def test_in_place_path_keeps_no_weight_copy(forge: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 7: the in-place path holds the live parameter and a recipe (Forge's backup + patch list), never a copy."""
+    seen: list[int] = []
+
+    def probe(d: Any) -> None:
+        edits = forge_module._LIVE.edits
+        for key, edit in edits.items():
+            assert set(vars(edit)) == {"tensor", "host"}
+            live = dict(forge.kmodel.named_parameters())[key]
+            assert edit.tensor is live  # the model's own parameter, edited in place
+            original = forge.kmodel.lora_loader.backup[key]
+            assert edit.host.loader.backup[key] is original  # recomputed from Forge's own backup
+        seen.append(len(edits))
+
+    p = forge.txt2img(steps=6, prompt_loras=[("other", 0.7)])
+    adapter = ForgeAdapter()
+    args = default_args()
+    checker = Checker(forge, adapter, args.content_weight, args.style_weight, (("other", 0.7),))
+    checker.host_states = watch_prepare(forge, monkeypatch)
+    forge.generate(p, [(forge.direct(adapter, args), [])], lambda d: (checker(d), probe(d)))
+    assert max(seen) >= 10
+    assert_equal_state(forge.snapshot(), checker.host_states[-1])
+
+
+def test_weight_forge_would_not_recompute_exactly_uses_a_hook(forge: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If Forge's merge, recomputed, differs from what it holds (merged on another device), nothing is edited in place:
+    the forward hook needs no restore, and the weights stay exactly Forge's."""
+    real = forge_module._HostWeight.compute
+    monkeypatch.setattr(forge_module._HostWeight, "compute", lambda self: real(self) + 1e-3)
+    p = forge.txt2img(steps=6, prompt_loras=[("other", 0.7)])
+    adapter = ForgeAdapter()
+    args = default_args()
+    checker = Checker(forge, adapter, args.content_weight, args.style_weight, (("other", 0.7),))
+    checker.host_states = watch_prepare(forge, monkeypatch)
+    edits, hooks = [], []
+
+    def probe(d: Any) -> None:
+        checker(d)
+        edits.append(len(forge_module._LIVE.edits))
+        hooks.append(len(forge_module._LIVE.hooks))
+
+    forge.generate(p, [(forge.direct(adapter, args), [])], probe)
+    assert max(edits) == 0 and max(hooks) >= 10
+    for call in checker.calls:  # no weight ever changed: everything went through hooks
+        assert_equal_state(call.weights, checker.host_states[-1])
+    assert_equal_state(forge.snapshot(), checker.host_states[-1])
+    assert no_hooks(forge) and forge_module._LIVE.edits == {}
+
+
+def test_failed_recompute_at_restore_lets_forge_restore(forge: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recomputing the host weight fails at the end (e.g. out of memory): Forge's merge is marked stale, so Forge
+    itself restores from its backup at the next refresh; the next plain generation equals a never-enabled one."""
+    plain_seen: list[dict[str, torch.Tensor]] = []
+    forge.generate(forge.txt2img(steps=3), [], lambda d: plain_seen.append(forge.snapshot()))
+    never = plain_seen[-1]
+    real = forge_module._HostWeight.compute
+    state = {"fail": False, "calls": 0}
+
+    def compute(self: Any) -> torch.Tensor:
+        if state["fail"]:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self)
+
+    monkeypatch.setattr(forge_module._HostWeight, "compute", compute)
+    adapter = ForgeAdapter()
+    p = forge.txt2img(steps=4)
+
+    def probe(d: Any) -> None:
+        state["calls"] += 1
+        state["fail"] = state["calls"] == 4  # from the last step on: the restore cannot recompute
+
+    forge.generate(p, [(forge.direct(adapter, default_args()), [])], probe)
+    assert forge.kmodel.lora_loader.loaded_hash == forge_module.STALE_HASH
+    assert adapter.run is None and no_hooks(forge) and forge_module._LIVE.edits == {}
+    state["fail"] = False
+    plain_seen.clear()
+    forge.generate(forge.txt2img(steps=3), [], lambda d: plain_seen.append(forge.snapshot()))
+    assert_equal_state(plain_seen[-1], never)
 
 
 def test_manual_cast_of_a_resident_weight_is_edited_in_place(forge: World, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -373,10 +455,11 @@ def test_flux_fused_qkv_slices(forge: World, offloaded: bool) -> None:
     key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
     for i, proj in enumerate(("to_q", "to_k", "to_v")):
         forge.kmodel.extra_lora_keys[f"transformer.transformer_blocks.0.attn.{proj}"] = (key, (0, 8 * i, 8))
-    ids = [f"flux:transformer_blocks.0.attn.{proj}" for proj in ("to_q", "to_k", "to_v")]
+    ids = [f"flux:double_blocks.0.img_attn.qkv[{part}]" for part in ("q", "k", "v")]  # the reader's canonical ids
     paths = {}
     for name, seed, rank in (("fc", 11, 2), ("fs", 12, 3)):
-        sd = synthetic.make_lora_state_dict([(i, (8, 8)) for i in ids], rank, style="peft", seed=seed, alpha=None)
+        # diffusers-style split keys (transformer.transformer_blocks.0.attn.to_q...) onto Forge's fused qkv rows
+        sd = synthetic.make_flux_state_dict([(i, (8, 8)) for i in ids], rank, style="diffusers", seed=seed)
         paths[name] = synthetic.save_lora(forge.tmp / f"{name}.safetensors", sd)
         forge.host.add_lora_file(name, paths[name])
     forge.host.networks.list_available_networks()

@@ -10,10 +10,15 @@ Mechanism (``shared/docs/research/forge-internals.md`` §6):
   the host applied (content at w_c, or nothing) and the role the plan wants now; per step only the layers whose role
   changes are touched:
 
-  - (A) float weights (fp32/fp16/bf16) resident on the compute device: edited in place, computed in fp32 from an exact
-    copy of the host's weight taken on first touch; restored with ``copy_`` from that copy (bit-exact, no drift);
-  - (B) anything else (fp8, nf4/fp4, GGUF, modules Forge streams from CPU, weights not on the compute device): a
-    forward hook that adds the low-rank correction to the module's output; the weight is never touched.
+  - (A) float weights (fp32/fp16/bf16) resident on the compute device that Forge merged a LoRA into: edited in
+    place. K-LoRA keeps no copy of its own: the host's weight is recomputed when needed with Forge's own
+    ``merge_lora_to_weight`` from the original Forge keeps in ``LoraLoader.backup`` and the same patch list Forge
+    merged (same inputs, same function: bit-exact), and the correction is added to it in fp32. Restoring = copying
+    that recomputed host weight back. Should the recomputation fail, Forge's merge hash is marked stale so Forge
+    itself restores from its backup at the next refresh;
+  - (B) anything else (fp8, nf4/fp4, GGUF, modules Forge streams from CPU, weights not on the compute device,
+    weights Forge merged nothing into and so holds no backup of): a forward hook that adds the low-rank correction
+    to the module's output; the weight is never touched.
 
 * In-place edits never outlive a sampling pass: they are undone in ``before_sampling`` (before Forge may refresh and
   back up weights) and re-applied at the next pass's first denoiser call; ``restore`` undoes everything, idempotently,
@@ -55,7 +60,7 @@ LEGACY_MESSAGE = (
     "(f2.x with the 'backend/' folder, also reForge's 'newmain_newforge' branch)."
 )
 _HASH_SUFFIX = re.compile(r"^(.*?)\s*\([0-9a-fA-F]{6,}\)$")
-_BACKUP_HEADROOM = 1536 * 1024 * 1024  # keep this much VRAM free when keeping restore copies on the GPU
+STALE_HASH = "k-lora: stale"  # a LoraLoader.loaded_hash no patch set equals: Forge re-merges from its backup
 _MAX_FILES = 4
 
 
@@ -99,12 +104,33 @@ def _is_quantized(param: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class _HostWeight:
+    """What Forge put into one parameter, recomputed on demand with Forge's own merge from Forge's own backup."""
+
+    def __init__(self, loader: Any, key: str, patches: list, like: torch.Tensor) -> None:
+        self.loader = loader
+        self.key = key
+        self.patches = patches  # Forge's merged patch list for this key (its own tensors, not copies)
+        self.device = like.device
+        self.dtype = like.dtype
+
+    def compute(self) -> torch.Tensor:
+        from backend.patcher.lora import merge_lora_to_weight  # type: ignore[import-not-found]
+
+        original = self.loader.backup[self.key].to(device=self.device)
+        weight = merge_lora_to_weight(self.patches, original, self.key, computation_dtype=torch.float32)
+        return weight.to(dtype=self.dtype)
+
+    def mark_stale(self) -> None:
+        self.loader.loaded_hash = STALE_HASH
+
+
 @dataclass
 class _Edit:
-    """(A): one parameter edited in place, and an exact copy of what the host had put there."""
+    """(A): one parameter edited in place, and how to get back exactly what the host had put there."""
 
     tensor: torch.Tensor
-    saved: torch.Tensor
+    host: _HostWeight
 
 
 class _Term:
@@ -177,8 +203,12 @@ class _Live:
         touched = len(self.edits) + len(self.hooks)
         try:
             with torch.inference_mode():
-                for edit in self.edits.values():
-                    edit.tensor.copy_(edit.saved)
+                for key, edit in self.edits.items():
+                    try:
+                        edit.tensor.copy_(edit.host.compute())
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of memory: Forge restores from its backup
+                        edit.host.mark_stale()
+                        logger.warning("could not recompute %s (%s); Forge re-merges it from its backup", key, exc)
         finally:
             self.edits.clear()
             for hook in self.hooks.values():
@@ -270,6 +300,8 @@ class ForgeAdapter(HostAdapter):
         self._live_unet: Any = None  # the UNet patcher of the pass being sampled
         self._compute_device = torch.device("cpu")
         self._compute_dtype = torch.float32
+        self._hosts: dict[str, _HostWeight] = {}  # param key -> how to recompute Forge's weight (mode A keys)
+        self._host_last: tuple[str, torch.Tensor] | None = None
 
     # ---- detection ----------------------------------------------------------------------------------------------
     @classmethod
@@ -570,8 +602,11 @@ class ForgeAdapter(HostAdapter):
         if run is not None and run.passes != self._prepared_pass:
             self._prepare_pass()
             return
-        for layer_id, _ in changes:
-            self._apply(layer_id)
+        try:
+            for layer_id, _ in changes:
+                self._apply(layer_id)
+        finally:
+            self._host_last = None
 
     def _prepare_pass(self) -> None:
         """First denoiser call of a pass: Forge has merged (refresh ran); check that, pick (A)/(B) per layer from
@@ -593,15 +628,27 @@ class ForgeAdapter(HostAdapter):
             raise KLoraError(msg)
         device = torch.device(getattr(unet, "load_device", "cpu"))
         counts = {"A": 0, "B": 0}
+        merged = _merged_patches(patches)
+        backup = getattr(loader, "backup", None) or {}
+        self._hosts = {}
         for t in self._targets.values():
             module = self._model.get_submodule(t.module_path)
             param = getattr(module, t.key.rsplit(".", 1)[1])
             t.mode = _mode(module, param, device)
+            if t.mode == "A":
+                original = backup.get(t.key)
+                if t.key not in merged or original is None or _same_storage(original, param):
+                    t.mode = "B"  # Forge holds no original of it: a hook needs none either
+                elif t.key not in self._hosts:
+                    self._hosts[t.key] = _HostWeight(loader, t.key, merged[t.key], param)
             counts[t.mode] += 1
         self._compute_device = device
         self._compute_dtype = getattr(unet.model, "computation_dtype", torch.float32)
-        for layer_id in self._roles:
-            self._apply(layer_id)
+        try:
+            for layer_id in self._roles:
+                self._apply(layer_id)
+        finally:
+            self._host_last = None
         self._prepared_pass = run.passes
         logger.debug("pass %d: %d layers in place (A), %d by forward hook (B)", run.passes, counts["A"], counts["B"])
 
@@ -623,35 +670,49 @@ class ForgeAdapter(HostAdapter):
         c_coef, s_coef = self._coefficients(t, role)
         if layer_id not in self._applied and c_coef == 0 and s_coef == 0:
             return  # nothing to correct and nothing corrected before: the host's weight is right as it is
-        if t.mode == "A":
-            self._apply_in_place(t, c_coef, s_coef)
-        else:
+        if t.mode == "A" and not self._apply_in_place(t, c_coef, s_coef):
+            t.mode = "B"
+        if t.mode == "B":
             self._apply_hook(t, c_coef, s_coef)
         self._applied[layer_id] = role
 
-    def _apply_in_place(self, t: _Target, c_coef: float, s_coef: float) -> None:
+    def _host_weight(self, host: _HostWeight) -> torch.Tensor:
+        """The host's weight of one key; the last one is kept so the slices of a fused weight share one merge."""
+        if self._host_last is None or self._host_last[0] != host.key:
+            self._host_last = None  # free the previous one first
+            self._host_last = (host.key, host.compute())
+        return self._host_last[1]
+
+    def _apply_in_place(self, t: _Target, c_coef: float, s_coef: float) -> bool:
+        """False (nothing touched) when Forge's merge, recomputed, is not bit-identical to the weight it holds (merged
+        on another device, or changed by someone else): the caller then uses a hook, which needs no restore."""
         with torch.inference_mode():
             edit = _LIVE.edits.get(t.key)
             if edit is None:
                 module = self._model.get_submodule(t.module_path)
                 param = getattr(module, t.key.rsplit(".", 1)[1])
-                edit = _Edit(param, param.detach().to(_backup_device(param), copy=True))
+                host = self._hosts[t.key]
+                if not torch.equal(self._host_weight(host), param):
+                    logger.debug("%s: Forge's merge does not recompute bit-exactly; forward hook instead", t.key)
+                    return False
+                edit = _Edit(param, host)
                 _LIVE.edits[t.key] = edit
             region = _region(edit.tensor, t.offset)
-            saved = _region(edit.saved, t.offset)
+            saved = _region(self._host_weight(edit.host), t.offset)
             if c_coef == 0 and s_coef == 0:
                 region.copy_(saved)
-                return
+                return True
             fused = self._fused(t, c_coef, s_coef, region.device)
             if fused is not None:
                 # one addmm: saved + [c*up_c, s*up_s] @ [down_c; down_s], no dense delta materialised
                 up, down = fused
                 base = saved.to(device=region.device, dtype=torch.float32).reshape(up.shape[0], -1)
                 region.copy_(torch.addmm(base, up, down).reshape(region.shape))
-                return
-            value = saved.to(device=region.device, dtype=torch.float32, copy=True)  # never alias the saved copy
+                return True
+            value = saved.to(device=region.device, dtype=torch.float32, copy=True)  # never alias the host weight
             value += self._dense(t, c_coef, s_coef, region.device).reshape(region.shape)
             region.copy_(value)
+            return True
 
     @staticmethod
     def _fused(
@@ -822,16 +883,19 @@ def _mode(module: torch.nn.Module, param: torch.Tensor, device: torch.device) ->
     return "A"
 
 
-def _backup_device(param: torch.Tensor) -> torch.device:
-    if param.is_cuda:
-        try:
-            free, _ = torch.cuda.mem_get_info(param.device)
-        except RuntimeError:
-            free = 0
-        if free > param.numel() * param.element_size() + _BACKUP_HEADROOM:
-            return param.device
-        return torch.device("cpu")
-    return param.device
+def _merged_patches(lora_patches: dict) -> dict[str, list]:
+    """Per parameter key, the patch list Forge's ``LoraLoader.refresh`` merges (offline patches, in dict order)."""
+    merged: dict[str, list] = {}
+    for ident, patches in lora_patches.items():
+        if ident[3]:  # online patches are applied at the forward, not merged
+            continue
+        for key, entries in patches.items():
+            merged[key] = merged.get(key, []) + list(entries)
+    return merged
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _term(layer: LoraLayer, coef: float, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> _Term:
