@@ -361,3 +361,19 @@ def test_model_weights_fp16(tmp_path, fake_a1111):
     assert len(res.images) == 1 and not res.comments
     p, res = host.generate(None, prompt="a photo", steps=2)
     _assert_pristine_run(host, host.records)
+
+
+def test_plan_notes_reach_the_gallery(webui):
+    import fakehost
+    import networks
+
+    # a style with the content's keys (the authors' gamma needs equal key counts), then the reference clock with a
+    # scope it ignores: the plan says so, and the user sees it under the image
+    specs = [(i, s) for i, s in fakehost.layer_specs() if i.startswith(("unet:", "te1:"))]
+    fakehost.write_lora(webui.lora_dir / "twin.safetensors", specs, rank=3, alpha=1.5, seed=44)
+    networks.list_available_networks()
+    _, res = webui.generate(_args(style="twin", clock="reference", scope="all"), prompt=PROMPT, steps=4)
+    assert len(res.images) == 1
+    assert "[K-LoRA] the reference clocks switch the authors' layers; scope is not used" in res.comments
+    _, res = webui.generate(_args(style="twin", clock="reference", scope="attention"), prompt=PROMPT, steps=4)
+    assert len(res.images) == 1 and "scope is not used" not in res.comments

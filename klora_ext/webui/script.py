@@ -433,8 +433,10 @@ class Script(scripts.Script):
         run = adapter.run if adapter is not None else None
         if run is None or run.owner is not p:
             return
+        plans = run.used_plans or ([("first", run.session.first_plan)] if run.session.first_plan else [])
+        for _, plan in plans:
+            run.notes.extend(plan.notes)  # e.g. what the reference clocks ignore, shown like the adapter's notes
         try:
-            plans = run.used_plans or ([("first", run.session.first_plan)] if run.session.first_plan else [])
             if plans:
                 STATE.last_plan, STATE.last_error = plans[0][1].to_json(), None
             if run.args.show_map and plans:
