@@ -2,6 +2,8 @@
 
     GET /klora-probe/v1/host-layers?name=<LoRA name>
     -> {"host": "a1111"|"forge", "name": ..., "unet": [...], "te": [...], "unmatched": [...]}
+    (Forge also: "unet_slices": {fused parameter: [[dim, start, size], ...]} = its key map's slices of the weights
+    the file patches)
 
 The answer comes from the host's own loader, called the way its builtin Lora extension calls it: A1111's
 ``networks.load_network`` (the keys of ``Network.modules``, i.e. the host's module names, one per patched module; an
@@ -63,11 +65,19 @@ def _forge(name: str) -> dict:
             return f"{key[0]}[{':'.join(str(x) for x in key[1])}]"
         return str(key)
 
+    # the row slices Forge's key map knows for each fused parameter this file patches (Flux qkv / linear1), so a
+    # test can tell the host's slices of a weight patched whole (kohya) from those patched slice by slice (diffusers)
+    patched = {k[0] if isinstance(k, tuple) else k for k in lora_unet}
+    slices: dict[str, set] = {}
+    for target in unet_keys.values():
+        if isinstance(target, tuple) and target[0] in patched:
+            slices.setdefault(target[0], set()).add(tuple(target[1]))
     return {
         "host": "forge",
         "unet": sorted(text(k) for k in lora_unet),
         "te": sorted(text(k) for k in lora_clip),
         "unmatched": sorted(rest),
+        "unet_slices": {k: sorted(list(x) for x in v) for k, v in sorted(slices.items())},
     }
 
 
