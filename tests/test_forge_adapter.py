@@ -587,7 +587,7 @@ def test_lora_for_another_model_is_refused_at_arm(forge: World) -> None:
     forge.host.networks.list_available_networks()
     adapter = ForgeAdapter()
     script = forge.direct(adapter, default_args(content="alien_c", style="alien_s"))
-    with pytest.raises(KLoraError, match="matches no layer of the loaded model"):
+    with pytest.raises(KLoraError, match="Forge patches nothing of .alien_c. in the loaded model"):
         forge.generate(forge.txt2img(steps=4), [(script, [])])
     assert adapter.run is None and forge_module._LIVE.swaps == []
 

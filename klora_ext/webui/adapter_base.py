@@ -111,6 +111,12 @@ class HostAdapter(abc.ABC):
     def score_device(self) -> str:
         return "cpu"
 
+    def host_files(self, p: Any, content: LoraRef, style: LoraRef) -> tuple[str, Any, Any] | None:
+        """(layer mapping id, content LoraFile, style LoraFile) as the host itself patches the two files into the
+        loaded model: the layer set K-LoRA scores and switches, keyed in the score cache by the mapping id. None:
+        score the host-free reader's layers (the default)."""
+        return None
+
     # ---- shared -------------------------------------------------------------------------------------------------
     def on_denoiser(self, params: Any) -> None:
         run = self.run

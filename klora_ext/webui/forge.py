@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from klora_ext import keys
 from klora_ext.errors import KLoraError
 from klora_ext.log import logger
-from klora_ext.lora_file import LoraFile, LoraLayer, read_lora
+from klora_ext.lora_file import LoraFile, LoraLayer, numerical_rank
 from klora_ext.plan import BOTH, CONTENT, STYLE
 from klora_ext.runtime import Change
 from klora_ext.webui.adapter_base import HostAdapter, KLoraRun, LoraRef, StepInfo
@@ -257,6 +257,329 @@ def _cond_caches(p: Any) -> list[list]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Host-native layers: what Forge's own loader patches for a file (issue 7, goal 1)
+# ---------------------------------------------------------------------------------------------------------------
+
+HOST_MAPPING_VERSION = 1  # bump when the host-native layer building changes (part of the score cache key)
+_FORGE_REFUSES = 12  # Forge's load_lora_for_models: more unmatched/skipped keys than this and it applies nothing
+_TE_ROOTS = (("clip_l.transformer.", "te1"), ("clip_h.transformer.", "te1"), ("clip_g.transformer.", "te2"))
+
+
+@dataclass(frozen=True)
+class _Where:
+    """The host target of one layer: parameter key and row slice, as Forge's patch entries name it."""
+
+    key: str
+    offset: tuple[int, int, int] | None
+
+
+@dataclass
+class HostLora:
+    """One file as Forge patches it into the loaded model: a LoraFile keyed by canonical ids built from Forge's own
+    targets, plus where each layer lands and what Forge leaves out."""
+
+    lora: LoraFile
+    where: dict[str, _Where]
+    notes: list[str]
+    base_dependent: bool = False  # some delta was computed on the checkpoint's weights (DoRA, GLoRA)
+
+
+def _canonical_id(key: str, flux: bool) -> tuple[str, bool] | None:
+    """(layer id, is a bias) of a Forge parameter key; None for keys with no layer id form."""
+    bias = key.endswith(".bias")
+    if not (bias or key.endswith(".weight")):
+        return None
+    stem = key.rsplit(".", 1)[0]
+    if stem.startswith("diffusion_model."):
+        path = stem[len("diffusion_model.") :]
+        return (f"flux:{path}" if flux else f"unet:{path}"), bias
+    for prefix, component in _TE_ROOTS:
+        if stem.startswith(prefix):
+            return f"{component}:{stem[len(prefix) :]}", bias
+    if stem.startswith("t5xxl.transformer."):
+        return f"t5:{stem[len('t5xxl.transformer.') :]}", bias
+    return f"other:{stem}", bias
+
+
+def _slice_part(layer_id: str, shape: tuple[int, ...], offset: tuple[int, int, int]) -> str | None:
+    """The [q]/[k]/[v]/[mlp] name of a row slice of a fused Flux weight (the reader's ids), None if it is none."""
+    parts = keys.fused_parts(keys.layer_id_parts(layer_id)[1]) if layer_id.startswith("flux:") else None
+    if parts is None or offset[0] != 0 or len(shape) != 2:
+        return None
+    for part in parts:
+        start, stop = keys.slice_rows(part, int(shape[1]), int(shape[0]))
+        if (start, stop - start) == (offset[1], offset[2]):
+            return part
+    return None
+
+
+def _param_shape(param: torch.Tensor) -> tuple[int, ...]:
+    real = getattr(param, "gguf_real_shape", None)  # GGUF parameters store packed bytes
+    return tuple(int(s) for s in (real if real is not None else param.shape))
+
+
+def _dequantized(param: torch.Tensor) -> torch.Tensor:
+    """A float copy of a parameter Forge stores quantized (GGUF, bitsandbytes), as its own loader makes one."""
+    if getattr(param, "gguf_cls", None) is not None:
+        try:
+            from backend.operations_gguf import dequantize_tensor  # type: ignore[import-not-found]
+
+            return dequantize_tensor(param)
+        except ImportError:
+            return param.gguf_cls.dequantize(param)
+    if getattr(param, "bnb_quantized", False):
+        from backend.operations_bnb import functional_dequantize_4bit  # type: ignore[import-not-found]
+
+        return functional_dequantize_4bit(param)
+    return param
+
+
+def _plain_layer(layer_id: str, value: Any, shape: tuple[int, ...], source: tuple[str, ...]) -> LoraLayer | None:
+    """Forge's patch value as a factored layer when its delta needs no base weight and no function; else None."""
+    kind, v = (value[0], value[1]) if len(value) == 2 and isinstance(value[0], str) else ("diff", value)
+    if kind == "lora":
+        up, down, alpha, mid, dora = v
+        if dora is not None:
+            return None
+        rank = int(down.shape[0])
+        factors = {"up": up, "down": down}
+        if mid is not None:
+            factors["mid"] = mid
+        return LoraLayer(
+            layer_id,
+            "locon" if len(shape) == 4 else "lora",
+            rank,
+            shape,
+            (float(alpha) / rank) if alpha is not None else 1.0,
+            source,
+            factors,
+        )
+    if kind == "loha":
+        w1a, w1b, alpha, w2a, w2b, t1, t2, dora = v
+        if dora is not None:
+            return None
+        factors = {"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b}
+        if t1 is not None:
+            factors.update(hada_t1=t1, hada_t2=t2)
+        rank = int(w1b.shape[0])
+        return LoraLayer(
+            layer_id, "loha", rank, shape, (float(alpha) / rank) if alpha is not None else 1.0, source, factors
+        )
+    if kind == "lokr":
+        w1, w2, alpha, w1a, w1b, w2a, w2b, t2, dora = v
+        if dora is not None:
+            return None
+        factors = {}
+        dim = None
+        if w1 is not None:
+            factors["lokr_w1"] = w1
+        else:
+            factors.update(lokr_w1_a=w1a, lokr_w1_b=w1b)
+            dim = int(w1b.shape[0])
+        if w2 is not None:
+            factors["lokr_w2"] = w2
+        else:
+            factors.update(lokr_w2_a=w2a, lokr_w2_b=w2b)
+            if t2 is not None:
+                factors["lokr_t2"] = t2
+            dim = int(w2b.shape[0])  # Forge: the w2 rank wins
+        scale = float(alpha) / dim if alpha is not None and dim is not None else 1.0
+        rank = dim if dim is not None else min(shape[0], math.prod(shape[1:]))
+        return LoraLayer(layer_id, "lokr", rank, shape, scale, source, factors)
+    if kind == "diff" and len(shape) >= 2:
+        diff = v[0]
+        if tuple(diff.shape) != shape:
+            return None
+        return LoraLayer(layer_id, "full", numerical_rank(diff), shape, 1.0, source, {"diff": diff})
+    return None
+
+
+def _factor_numel(layer: LoraLayer) -> int | None:
+    """Elements of the delta the factors give (None when only the target shape says): a file for another model
+    has factors that do not fit the weight (Forge's merge would fail on it)."""
+    f = layer.factors
+    if layer.kind in ("lora", "locon") and "mid" not in f:
+        return int(f["up"].shape[0]) * int(f["down"].flatten(1).shape[1])
+    if layer.kind == "loha" and "hada_t1" not in f:
+        return int(f["hada_w1_a"].shape[0]) * int(f["hada_w1_b"].flatten(1).shape[1])
+    return None
+
+
+def _value_rank(value: Any) -> int:
+    kind, v = value
+    if kind == "lora":
+        return int(v[1].shape[0])
+    if kind == "loha":
+        return int(v[1].shape[0])
+    if kind == "lokr":
+        return int(v[6].shape[0]) if v[6] is not None else int(v[4].shape[0]) if v[4] is not None else 1
+    if kind == "glora":
+        return int(v[2].shape[0])
+    return 1
+
+
+def _host_delta(value: Any, function: Any, base: torch.Tensor, key: str) -> torch.Tensor:
+    """Forge's own delta of one patch at unit strength on ``base`` (DoRA, GLoRA, a patch function): its merge of
+    the patch onto the fp32 base weight, minus that base. Linear in the strength as Forge applies it."""
+    from backend.patcher.lora import merge_lora_to_weight  # type: ignore[import-not-found]
+
+    base = base.to(torch.float32)
+    merged = merge_lora_to_weight([[1.0, value, 1.0, None, function]], base, key, computation_dtype=torch.float32)
+    return merged - base  # out of place: Forge merges under inference_mode
+
+
+def build_host_lora(path: str, name: str, sha256: str, unet_model: Any, clip_model: Any) -> HostLora:
+    """The layers Forge's own loader patches for ``path`` into the loaded model (``load_lora`` with the model's
+    ``model_lora_keys_unet``/``_clip`` maps, then ``add_patches``' check against the model's parameters).
+
+    Ids: the canonical keys.py form of each target (``unet:``/``flux:``/``te1:``/``te2:``/``t5:``); a row slice of a
+    fused weight (Flux diffusers q/k/v/proj_mlp onto qkv/linear1) is its own layer, and a patch of the whole fused
+    weight (kohya/BFL) is split into the same slices, so mixed-format pairs share their layers. Deltas: the file's
+    factors for LoRA/LoCon/LoHa/LoKr/full; Forge's own merge on the original weight for DoRA, GLoRA and patches with
+    a function (norm_out's shift/scale swap). Keys Forge does not apply are left out and named in ``notes``.
+    Raises KLoraError when Forge would apply nothing of the file (its own "version mismatch" rule)."""
+    from backend.patcher import lora as host_lora  # type: ignore[import-not-found]
+
+    from klora_ext.lora_file import BIAS_SUFFIX, _split_fused
+
+    sd = _networks().load_lora_state_dict(path)
+    unet_map = host_lora.model_lora_keys_unet(unet_model, {})  # fresh dicts: Forge's functions mutate a default
+    clip_map = host_lora.model_lora_keys_clip(clip_model, {}) if clip_model is not None else {}
+    unet_patches, rest = host_lora.load_lora(sd, unet_map)
+    clip_patches, rest = host_lora.load_lora(rest, clip_map) if clip_map else ({}, rest)
+    if len(rest) > _FORGE_REFUSES:
+        msg = (
+            f"[K-LoRA] Forge does not load '{name}' for this model: {len(rest)} of its keys match nothing in the "
+            f"loaded checkpoint (e.g. {sorted(rest)[0]}); is it made for this model?"
+        )
+        raise KLoraError(msg)
+    flux = any(k.startswith("diffusion_model.double_blocks.") for k, _ in unet_model.named_parameters())
+    notes: list[str] = []
+    if rest:
+        notes.append(f"'{name}': {len(rest)} keys Forge does not apply are left out (e.g. {sorted(rest)[0]})")
+    layers: dict[str, LoraLayer] = {}
+    static: dict[str, LoraLayer] = {}
+    where: dict[str, _Where] = {}
+    kinds_left: dict[str, int] = {}
+    base_dependent = False
+    for part_patches, model in ((unet_patches, unet_model), (clip_patches, clip_model)):
+        if not part_patches:
+            continue
+        params = dict(model.named_parameters())
+        backup = getattr(getattr(model, "lora_loader", None), "backup", None) or {}  # originals Forge merged into
+        skipped = [k for k in part_patches if (k if isinstance(k, str) else k[0]) not in params]
+        if len(skipped) > _FORGE_REFUSES:
+            what = "UNet" if model is unet_model else "text encoder"
+            if model is unet_model:
+                msg = (
+                    f"[K-LoRA] Forge does not apply '{name}' to this model's {what}: {len(skipped)} of its targets "
+                    "are not in the loaded checkpoint; is it made for this model?"
+                )
+                raise KLoraError(msg)
+            notes.append(f"'{name}': Forge skips its {what} part ({len(skipped)} targets not in the model)")
+            continue
+        if skipped:
+            notes.append(f"'{name}': {len(skipped)} targets are not in the loaded model and are left out")
+        for k, value in part_patches.items():
+            key, offset, function = (
+                (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
+            )
+            param = params.get(key)
+            if param is None:
+                continue
+            canon = _canonical_id(key, flux)
+            if canon is None:
+                kinds_left["unnamed"] = kinds_left.get("unnamed", 0) + 1
+                continue
+            layer_id, is_bias = canon
+            full_shape = _param_shape(param)
+            shape = full_shape
+            if offset is not None:
+                offset = tuple(int(x) for x in offset)
+                shape = list(full_shape)
+                shape[offset[0]] = offset[2]
+                shape = tuple(shape)
+                part = _slice_part(layer_id, full_shape, offset)
+                layer_id = f"{layer_id}[{part}]" if part else f"{layer_id}[d{offset[0]}:{offset[1]}+{offset[2]}]"
+            kind = value[0] if len(value) == 2 and isinstance(value[0], str) else "diff"
+            source = (str(key),)
+            if is_bias or kind == "set" or len(shape) < 2:
+                sid = layer_id + BIAS_SUFFIX if is_bias else layer_id
+                static[sid] = LoraLayer(sid, "bias" if is_bias else kind, 1, shape, 1.0, source, {})
+                continue
+            layer = None if function is not None else _plain_layer(layer_id, value, shape, source)
+            if layer is not None and _factor_numel(layer) not in (None, math.prod(shape)):
+                notes.append(f"'{name}': {key} does not fit the model's weight {shape}; left out")
+                continue
+            if layer is None:
+                if kind not in ("lora", "loha", "lokr", "glora", "diff"):
+                    kinds_left[kind] = kinds_left.get(kind, 0) + 1
+                    continue
+                if _is_quantized(param) or param.dtype not in FLOAT_DTYPES:
+                    base = _dequantized(backup.get(key, param))
+                else:
+                    base = backup.get(key, param)
+                base = _region(base.detach(), offset)
+                try:
+                    delta = _host_delta(value, function, base, key)
+                except Exception as exc:  # noqa: BLE001 - Forge's merge refuses it: Forge would not apply it either
+                    notes.append(f"'{name}': Forge cannot merge {key} ({exc}); left out")
+                    continue
+                layer = LoraLayer(layer_id, "full", _value_rank(value), shape, 1.0, source, {"diff": delta})
+                base_dependent = base_dependent or function is None  # a patch function alone needs no base
+            pieces = _split_fused(layer, name) if offset is None else [layer]
+            for piece in pieces:
+                if piece.id in layers:
+                    msg = (
+                        f"[K-LoRA] '{name}' patches {piece.id} twice (a fused key and a split key); Forge would add "
+                        "both, K-LoRA cannot switch them apart"
+                    )
+                    raise KLoraError(msg)
+                layers[piece.id] = piece
+                _, part = keys.split_slice(piece.id)
+                if offset is None and part is not None:
+                    start, stop = keys.slice_rows(part, int(shape[1]), int(shape[0]))
+                    where[piece.id] = _Where(key, (0, start, stop - start))
+                else:
+                    where[piece.id] = _Where(key, offset)
+    if kinds_left:
+        notes.append(
+            f"'{name}': patches K-LoRA cannot switch are left as Forge applies them: "
+            + ", ".join(f"{n} {k}" for k, n in sorted(kinds_left.items()))
+        )
+    if static:
+        notes.append(f"'{name}': {len(static)} bias/set patches are applied as Forge applies them, never switched")
+    if not layers and not static:
+        msg = f"[K-LoRA] Forge patches nothing of '{name}' in the loaded model; is it made for this model?"
+        raise KLoraError(msg)
+    arch = "flux" if flux else ("sdxl" if any(i.startswith("te2:") for i in layers) else "sd15")
+    lora = LoraFile(
+        path=path,
+        name=name,
+        sha256=sha256,
+        arch=arch,
+        layers=dict(sorted(layers.items(), key=lambda kv: keys.forward_order_key(kv[0]))),
+        unknown_keys=sorted(rest),
+        static_layers=static,
+        warnings=list(notes),
+    )
+    return HostLora(lora, where, notes, base_dependent)
+
+
+def model_fingerprint(unet_model: Any, clip_model: Any) -> str:
+    """Names and shapes of the model's parameters: the host layer mapping id in the score cache key."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for model in (unet_model, clip_model):
+        if model is None:
+            continue
+        for k, v in model.named_parameters():
+            digest.update(f"{k}:{_param_shape(v)};".encode())
+    return f"forge-host{HOST_MAPPING_VERSION}:{digest.hexdigest()[:16]}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Per-run data
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -280,7 +603,7 @@ class ForgeAdapter(HostAdapter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._files: OrderedDict[tuple[str, int, int], LoraFile] = OrderedDict()
+        self._files: OrderedDict[tuple, HostLora] = OrderedDict()
         self._clear_run_state()
 
     def _clear_run_state(self) -> None:
@@ -366,13 +689,7 @@ class ForgeAdapter(HostAdapter):
         reason = unsupported_model_reason()
         if reason:
             raise KLoraError(reason)
-        self._content = self._read(run.content)
-        self._style = self._read(run.style)
-        static = run.session.static_roles(self._content.layers, self._style.layers)
-        self._te_roles = {i: r for i, r in static.items() if keys.layer_id_parts(i)[0] in ("te1", "te2")}
-        self._roles = {i: r for i, r in static.items() if i not in self._te_roles}
-        unet = _unet_of(p)
-        self._build_targets(unet.model, run)
+        self._build_targets(p, run)
         self.run = run
         logger.info(
             "armed on Forge: %d layers switched, %d static; content '%s' x%g, style '%s' x%g",
@@ -384,63 +701,66 @@ class ForgeAdapter(HostAdapter):
             run.args.style_weight,
         )
 
-    def _read(self, ref: LoraRef) -> LoraFile:
+    def host_files(self, p: Any, content: LoraRef, style: LoraRef) -> tuple[str, LoraFile, LoraFile]:
+        """(layer mapping id, content, style) as Forge's own loader patches them into the loaded model: the layer
+        set K-LoRA scores and switches (issue 7). The mapping id (model parameter names and shapes) keys the score
+        cache, so a cached pair skips the scoring but not this (cheap: Forge's state dicts are lru-cached)."""
+        unet_model, clip_model = _models_of(p)
+        mapping = model_fingerprint(unet_model, clip_model)
+        c, s = self._host(content, unet_model, clip_model), self._host(style, unet_model, clip_model)
+        if c.base_dependent or s.base_dependent:
+            mapping += f":ckpt={_checkpoint_id(p)}"  # DoRA/GLoRA deltas depend on the checkpoint's weights
+        return mapping, c.lora, s.lora
+
+    def _host(self, ref: LoraRef, unet_model: Any, clip_model: Any) -> HostLora:
         try:
             st = os.stat(ref.path)
         except OSError as exc:
             msg = f"[K-LoRA] LoRA file not found: '{ref.path}'"
             raise KLoraError(msg) from exc
-        key = (os.path.abspath(ref.path), st.st_size, st.st_mtime_ns)
+        key = (os.path.abspath(ref.path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, id(unet_model))
         if key in self._files:
             self._files.move_to_end(key)
             return self._files[key]
         from klora_ext.webui.run import score_cache
 
-        lora = read_lora(ref.path, name=ref.name, sha256=score_cache().file_hash(ref.path))
-        self._files[key] = lora
+        host = build_host_lora(ref.path, ref.name, score_cache().file_hash(ref.path), unet_model, clip_model)
+        for note in host.notes:
+            logger.info(note)
+        self._files[key] = host
         while len(self._files) > _MAX_FILES:
             self._files.popitem(last=False)
-        return lora
+        return host
 
-    def _build_targets(self, model: Any, run: KLoraRun) -> None:
-        """Map every layer of both files onto the model's parameters with Forge's own LoRA key map."""
-        from backend.patcher.lora import model_lora_keys_unet  # type: ignore[import-not-found]
-
-        content, style = self._content, self._style
-        keymap = model_lora_keys_unet(model, {})  # pass a fresh dict: the function has a mutable default
-        params = dict(model.named_parameters())
+    def _build_targets(self, p: Any, run: KLoraRun) -> None:
+        """Every layer of both files at the target Forge's own loader gives it (parameter key and row slice)."""
+        unet_model, clip_model = _models_of(p)
+        content = self._host(run.content, unet_model, clip_model)
+        style = self._host(run.style, unet_model, clip_model)
+        self._content, self._style = content.lora, style.lora
+        static = run.session.static_roles(self._content.layers, self._style.layers)
+        self._te_roles = {i: r for i, r in static.items() if keys.is_text_encoder(i)}
+        self._roles = {i: r for i, r in static.items() if i not in self._te_roles}
         targets: dict[str, _Target] = {}
-        unmatched: list[str] = []
+        missing: list[str] = []
         for layer_id in self._roles.keys() | set(run.session.plan_layer_ids()):
-            lc, ls = content.layers.get(layer_id), style.layers.get(layer_id)
-            found = _find_param(layer_id, (lc, ls), keymap, params)
-            if found is None:
-                unmatched.append(layer_id)
+            lc, ls = self._content.layers.get(layer_id), self._style.layers.get(layer_id)
+            where = content.where.get(layer_id) or style.where.get(layer_id)
+            if where is None or keys.is_text_encoder(layer_id):
+                missing.append(layer_id)  # scored on another model (cached plan): Forge does not patch it here
                 continue
-            key, offset = found
-            param = params[key]
-            layer = lc or ls
-            if (
-                not _is_quantized(param)
-                and param.dtype in FLOAT_DTYPES
-                and _region(param, offset).numel() != layer.numel
-            ):
-                unmatched.append(layer_id)  # same name, other shape: a LoRA for another architecture
-                continue
-            targets[layer_id] = _Target(layer_id, key, offset, key.rsplit(".", 1)[0], lc, ls)
-        for side, lora in (("content", content), ("style", style)):
-            mine = [i for i in lora.layers if keys.layer_id_parts(i)[0] not in ("te1", "te2")]
-            if mine and not any(i in targets for i in mine):
-                msg = (
-                    f"[K-LoRA] the {side} LoRA '{lora.name}' ({lora.arch}) matches no layer of the loaded model; "
-                    "is it made for this checkpoint's architecture?"
-                )
-                raise KLoraError(msg)
-        if unmatched:
-            note = f"{len(unmatched)} layers do not match the loaded model and are left as Forge applies them"
-            logger.warning("%s (e.g. %s)", note, unmatched[0])
+            targets[layer_id] = _Target(layer_id, where.key, where.offset, where.key.rsplit(".", 1)[0], lc, ls)
+        if missing:
+            note = f"{len(missing)} planned layers are not patched by Forge in this model and are left out"
+            logger.warning("%s (e.g. %s)", note, missing[0])
             run.notes.append(note)
-        self._model = model
+        if style.lora.static_layers:
+            note = (
+                f"the style LoRA's {len(style.lora.static_layers)} bias/set patches are not applied (K-LoRA "
+                "switches only its weight layers)"
+            )
+            run.notes.append(note)
+        self._model = unet_model
         self._targets = targets
 
     # ---- text encoders ------------------------------------------------------------------------------------------
@@ -509,7 +829,7 @@ class ForgeAdapter(HostAdapter):
             return  # idempotent: the same pass asked twice
         if unet.model is not self._model:
             try:  # another checkpoint (XYZ checkpoint axis, hires checkpoint): same LoRAs, new targets
-                self._build_targets(unet.model, run)
+                self._build_targets(p, run)
             except KLoraError as exc:
                 reason = str(exc).removeprefix("[K-LoRA] ")
                 logger.warning("%s; K-LoRA is off for the rest of this generation", reason)
@@ -545,7 +865,8 @@ class ForgeAdapter(HostAdapter):
         self._host_strength = weight if ident is not None else 0.0
         hosted = clone.lora_patches.get(ident, {}) if ident is not None else {}
         for t in self._targets.values():
-            t.host_content = t.content is not None and any(e[3] == t.offset for e in hosted.get(t.key, ()))
+            # a fused (kohya) content patch covers every slice of its weight; a split one only its own rows
+            t.host_content = t.content is not None and any(e[3] in (None, t.offset) for e in hosted.get(t.key, ()))
         if hasattr(clone, "add_extra_preserved_memory_during_sampling"):
             biggest = max((t.content or t.style).numel for t in self._targets.values()) if self._targets else 0
             clone.add_extra_preserved_memory_during_sampling(3 * 4 * biggest)  # fp32 temporaries of one correction
@@ -828,6 +1149,23 @@ def _unet_of(p: Any) -> Any:
     return unet
 
 
+def _checkpoint_id(p: Any) -> str:
+    """The loaded checkpoint as the WebUI names it (its hash when known)."""
+    info = getattr(getattr(p, "sd_model", None), "sd_checkpoint_info", None)
+    for attr in ("sha256", "shorthash", "title"):
+        value = getattr(info, attr, None)
+        if value:
+            return str(value)
+    return str(info)
+
+
+def _models_of(p: Any) -> tuple[Any, Any]:
+    """The loaded UNet (KModel) and text-encoder module Forge patches LoRAs into."""
+    unet = _unet_of(p)
+    clip = getattr(getattr(p.sd_model, "forge_objects", None), "clip", None)
+    return unet.model, getattr(clip, "cond_stage_model", None)
+
+
 def _host_patches(path: str, part: str, model: Any) -> dict:
     """A LoRA file parsed by Forge itself for the UNet ("unet") or the text encoders ("clip"): its patch dict."""
     from backend.patcher import lora  # type: ignore[import-not-found]
@@ -847,27 +1185,6 @@ def _online_mode(p: Any) -> bool:
         return False
     storage = getattr(_unet_of(p).model, "storage_dtype", torch.float16)
     return storage not in FLOAT_DTYPES
-
-
-def _find_param(
-    layer_id: str, layers: tuple[LoraLayer | None, ...], keymap: dict, params: dict[str, torch.Tensor]
-) -> tuple[str, tuple[int, int, int] | None] | None:
-    """Forge's key map first (it knows every key style Forge loads, including Flux slices), then our own id."""
-    for layer in layers:
-        if layer is None:
-            continue
-        for source in layer.source_keys:
-            split = keys.split_key(source)
-            target = keymap.get(split[0]) if split else None
-            if target is None:
-                continue
-            key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
-            if key in params:
-                return key, (tuple(offset) if offset is not None else None)
-    key = keys.forge_key(layer_id)
-    if key is not None and key in params:
-        return key, None
-    return None
 
 
 def _mode(module: torch.nn.Module, param: torch.Tensor, device: torch.device) -> str:

@@ -12,6 +12,7 @@ from klora_ext.cache import ScoreCache
 from klora_ext.errors import KLoraError
 from klora_ext.reference import REFERENCE_CLOCKS
 from klora_ext.runtime import Session
+from klora_ext.scoring import compute_scores
 from klora_ext.webui.adapter_base import HostAdapter, KLoraRun
 
 # The cache file lives next to the extension (never inside the WebUI's own folders).
@@ -54,15 +55,32 @@ def prepare_run(
     if os.path.abspath(content.path) == os.path.abspath(style.path):
         msg = f"[K-LoRA] '{args.content}' and '{args.style}' are the same file; pick two different LoRAs"
         raise KLoraError(msg)
+    reference = args.clock in REFERENCE_CLOCKS
+    device = adapter.score_device()
+    host = adapter.host_files(p, content, style)  # the host's own layer set (None: the host-free reader's)
+    compute = None
+    if host is not None:
+
+        def compute(*_: Any) -> Any:
+            return compute_scores(
+                host[1], host[2], k_multiplier=args.k_multiplier, device=device, progress=progress, reference=reference
+            )
+
     scores, cached = score_cache().get_or_compute(
         content.path,
         style.path,
         k_multiplier=args.k_multiplier,
-        device=adapter.score_device(),
+        device=device,
         progress=progress,
-        reference=args.clock in REFERENCE_CLOCKS,
+        reference=reference,
+        mapping=host[0] if host is not None else "reader",
+        compute=compute,
     )
     session = Session(args, scores, seed=seed)
+    # what the host leaves out of either file
+    run_notes = list(dict.fromkeys([*host[1].warnings, *host[2].warnings])) if host is not None else []
     # Build the first pass's plan now: errors (e.g. nothing in scope) must surface here, not inside a callback.
     session.plan_for_pass(max(int(steps), 1))
-    return KLoraRun(args=args, session=session, content=content, style=style, owner=p, from_cache=cached)
+    run = KLoraRun(args=args, session=session, content=content, style=style, owner=p, from_cache=cached)
+    run.notes.extend(run_notes)
+    return run

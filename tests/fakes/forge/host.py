@@ -141,67 +141,293 @@ def build_tree(root: nn.Module, layers: Iterable[tuple[str, tuple[int, ...]]], s
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _dora(magnitude, weight, diff, alpha, strength, dtype, function):
+    """Forge's weight_decompose (backend/patcher/lora.py): note the norm on the output axis is of the ORIGINAL
+    weight, on the input axis of the patched one (Forge's own quirk, kept)."""
+    magnitude = magnitude.to(weight.device, dtype)
+    diff = diff * alpha
+    patched = weight + function(diff).type(weight.dtype)
+    if magnitude.shape[0] == patched.shape[0]:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        cols = patched.shape[1]
+        norm = patched.transpose(0, 1).reshape(cols, -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(cols, *[1] * (patched.dim() - 1)).transpose(0, 1)
+    norm = norm + torch.finfo(weight.dtype).eps
+    patched *= (magnitude / norm).type(weight.dtype)
+    if strength != 1.0:
+        weight += strength * (patched - weight)
+    else:
+        weight[:] = patched
+    return weight
+
+
+def _mat(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    return t.to(device, dtype)
+
+
+def _cp(t, wb, wa, device, dtype):
+    return torch.einsum("ijkl,jr,ip->prkl", _mat(t, device, dtype), _mat(wb, device, dtype), _mat(wa, device, dtype))
+
+
 @torch.inference_mode()
 def merge_lora_to_weight(
     patches: list, weight: torch.Tensor, key: str = "online_lora", computation_dtype=torch.float32
 ):
-    backup_dtype = None
+    """Forge's merge: every patch type its loader produces (lora incl. CP mid and DoRA, loha, lokr, glora, diff,
+    set), offsets (row slices of fused weights) and patch functions, fp32 math, cast back to the weight's dtype."""
+    cast_back = None
     if computation_dtype == weight.dtype:
         weight = weight.clone()
     else:
-        backup_dtype = weight.dtype
+        cast_back = weight.dtype
         weight = weight.to(dtype=computation_dtype)
-    for strength, value, strength_model, offset, _function in patches:
-        target = weight.narrow(offset[0], offset[1], offset[2]) if offset is not None else weight
+    for strength, value, strength_model, offset, function in patches:
+        function = function or (lambda a: a)
+        whole = weight
+        if offset is not None:
+            weight = weight.narrow(offset[0], offset[1], offset[2])
         if strength_model != 1.0:
-            target *= strength_model
-        kind, data = value
-        if kind == "lora":
-            up, down, alpha, mid, dora = data
-            assert mid is None and dora is None, "the fake merges plain LoRA only"
-            scale = alpha / down.shape[0] if alpha is not None else 1.0
-            diff = up.to(weight.device, computation_dtype).flatten(1) @ down.to(
-                weight.device, computation_dtype
-            ).flatten(1)
-            target += ((strength * scale) * diff.reshape(target.shape)).to(target.dtype)
-        elif kind == "diff":
-            target += strength * data[0].to(weight.device, target.dtype).reshape(target.shape)
+            weight *= strength_model
+        if isinstance(value, list):
+            value = (merge_lora_to_weight(value[1:], value[0].clone(), key),)
+        kind, v = ("diff", value) if len(value) == 1 else (value[0], value[1])
+        dev, dt = weight.device, computation_dtype
+        diff = None
+        alpha = 1.0
+        dora = None
+        if kind == "diff":
+            if strength != 0.0:
+                assert v[0].shape == weight.shape, "the fake merges same-shape diffs only"
+                weight += strength * v[0].to(dev, weight.dtype)
+        elif kind == "set":
+            weight.copy_(v[0])
+        elif kind == "lora":
+            up, down, a, mid, dora = v
+            up, down = _mat(up, dev, dt), _mat(down, dev, dt)
+            alpha = a / down.shape[0] if a is not None else 1.0
+            if mid is not None:
+                mid = _mat(mid, dev, dt)
+                shape = [down.shape[1], down.shape[0], mid.shape[2], mid.shape[3]]
+                down = torch.mm(down.transpose(0, 1).flatten(1), mid.transpose(0, 1).flatten(1))
+                down = down.reshape(shape).transpose(0, 1)
+            diff = torch.mm(up.flatten(1), down.flatten(1)).reshape(weight.shape)
+        elif kind == "lokr":
+            w1, w2, a, w1a, w1b, w2a, w2b, t2, dora = v
+            dim = None
+            if w1 is None:
+                dim = w1b.shape[0]
+                w1 = torch.mm(_mat(w1a, dev, dt), _mat(w1b, dev, dt))
+            else:
+                w1 = _mat(w1, dev, dt)
+            if w2 is None:
+                dim = w2b.shape[0]
+                w2 = torch.mm(_mat(w2a, dev, dt), _mat(w2b, dev, dt)) if t2 is None else _cp(t2, w2b, w2a, dev, dt)
+            else:
+                w2 = _mat(w2, dev, dt)
+            if w2.dim() == 4:
+                w1 = w1.unsqueeze(2).unsqueeze(2)
+            alpha = a / dim if a is not None and dim is not None else 1.0
+            diff = torch.kron(w1, w2).reshape(weight.shape)
+        elif kind == "loha":
+            w1a, w1b, a, w2a, w2b, t1, t2, dora = v
+            alpha = a / w1b.shape[0] if a is not None else 1.0
+            if t1 is not None:
+                m1, m2 = _cp(t1, w1b, w1a, dev, dt), _cp(t2, w2b, w2a, dev, dt)
+            else:
+                m1 = torch.mm(_mat(w1a, dev, dt), _mat(w1b, dev, dt))
+                m2 = torch.mm(_mat(w2a, dev, dt), _mat(w2b, dev, dt))
+            diff = (m1 * m2).reshape(weight.shape)
+        elif kind == "glora":
+            a1, a2, b1, b2, a, dora = v
+            old = b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]
+            if b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]:
+                old = old and a2.shape[0] == weight.shape[0] == weight.shape[1]
+            a1, a2 = _mat(a1.flatten(1), dev, dt), _mat(a2.flatten(1), dev, dt)
+            b1, b2 = _mat(b1.flatten(1), dev, dt), _mat(b2.flatten(1), dev, dt)
+            if a is not None:
+                alpha = a / (v[0].shape[0] if old else v[1].shape[0])
+            w = weight.to(dtype=dt)
+            if old:
+                diff = (torch.mm(b2, b1) + torch.mm(torch.mm(w.flatten(1), a2), a1)).reshape(weight.shape)
+            else:
+                diff = torch.mm(torch.mm(w.flatten(1), a1), a2).reshape(weight.shape) + torch.mm(b1, b2).reshape(
+                    weight.shape
+                )
         else:
             raise NotImplementedError(kind)
-    if backup_dtype is not None:
-        weight = weight.to(dtype=backup_dtype)
+        if diff is not None:
+            if dora is not None:
+                weight = _dora(dora, weight, diff, alpha, strength, dt, function)
+            else:
+                weight += function(((strength * alpha) * diff).type(weight.dtype))
+        if offset is not None:
+            weight = whole
+    if cast_back is not None:
+        weight = weight.to(dtype=cast_back)
     return weight
 
 
+# The key styles Forge's (ComfyUI-derived) load_lora reads: (up suffix, down suffix, mid suffix or None).
+_LORA_STYLES = (
+    (".lora_up.weight", ".lora_down.weight", ".lora_mid.weight"),
+    ("_lora.up.weight", "_lora.down.weight", None),
+    (".lora_B.weight", ".lora_A.weight", None),
+    (".lora.up.weight", ".lora.down.weight", None),
+    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", None),
+)
+
+
 def load_lora(lora: dict[str, torch.Tensor], to_load: dict[str, Any]) -> tuple[dict, dict]:
-    """LoRA prefix -> model key map applied to a state dict (plain LoRA: lora_up/lora_down, lora_A/lora_B)."""
-    patch_dict: dict[Any, Any] = {}
-    loaded: set[str] = set()
-    for prefix, target in to_load.items():
-        alpha_key = f"{prefix}.alpha"
-        alpha = lora[alpha_key].item() if alpha_key in lora else None
-        for up_suffix, down_suffix in (("lora_up.weight", "lora_down.weight"), ("lora_B.weight", "lora_A.weight")):
-            up_key, down_key = f"{prefix}.{up_suffix}", f"{prefix}.{down_suffix}"
-            if up_key in lora and down_key in lora:
-                patch_dict[target] = ("lora", (lora[up_key], lora[down_key], alpha, None, None))
-                loaded.update({up_key, down_key})
-                if alpha is not None:
-                    loaded.add(alpha_key)
-    return patch_dict, {k: v for k, v in lora.items() if k not in loaded}
+    """Forge's load_lora: for each prefix of the key map, the patch its keys describe (LoRA in five key styles with
+    CP mid and DoRA, LoHa, LoKr, GLoRA, w_norm/b_norm, diff, diff_b, set_weight); returns (patches, unused keys)."""
+    patches: dict[Any, Any] = {}
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor | None:
+        if name in lora:
+            used.add(name)
+            return lora[name]
+        return None
+
+    for x, target in to_load.items():
+        alpha_t = take(f"{x}.alpha")
+        alpha = alpha_t.item() if alpha_t is not None else None
+        dora = take(f"{x}.dora_scale")
+        for up_s, down_s, mid_s in _LORA_STYLES:
+            if f"{x}{up_s}" in lora:
+                up, down = take(f"{x}{up_s}"), take(f"{x}{down_s}")
+                mid = take(f"{x}{mid_s}") if mid_s else None
+                patches[target] = ("lora", (up, down, alpha, mid, dora))
+                break
+        if f"{x}.hada_w1_a" in lora:
+            t1, t2 = (take(f"{x}.hada_t1"), take(f"{x}.hada_t2")) if f"{x}.hada_t1" in lora else (None, None)
+            w = [take(f"{x}.hada_{n}") for n in ("w1_a", "w1_b", "w2_a", "w2_b")]
+            patches[target] = ("loha", (w[0], w[1], alpha, w[2], w[3], t1, t2, dora))
+        lokr = {n: take(f"{x}.lokr_{n}") for n in ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b", "t2")}
+        if any(lokr[n] is not None for n in ("w1", "w2", "w1_a", "w2_a")):
+            patches[target] = (
+                "lokr",
+                (
+                    lokr["w1"],
+                    lokr["w2"],
+                    alpha,
+                    lokr["w1_a"],
+                    lokr["w1_b"],
+                    lokr["w2_a"],
+                    lokr["w2_b"],
+                    lokr["t2"],
+                    dora,
+                ),
+            )
+        if f"{x}.a1.weight" in lora:
+            g = [take(f"{x}.{n}.weight") for n in ("a1", "a2", "b1", "b2")]
+            patches[target] = ("glora", (*g, alpha, dora))
+        w_norm = take(f"{x}.w_norm")
+        if w_norm is not None:
+            patches[target] = ("diff", (w_norm,))
+            b_norm = take(f"{x}.b_norm")
+            if b_norm is not None:
+                patches[f"{target[: -len('.weight')]}.bias"] = ("diff", (b_norm,))
+        diff = take(f"{x}.diff")
+        if diff is not None:
+            patches[target] = ("diff", (diff,))
+        diff_b = take(f"{x}.diff_b")
+        if diff_b is not None:
+            patches[f"{target[: -len('.weight')]}.bias"] = ("diff", (diff_b,))
+        set_w = take(f"{x}.set_weight")
+        if set_w is not None:
+            patches[target] = ("set", (set_w,))
+    return patches, {k: v for k, v in lora.items() if k not in used}
+
+
+def swap_scale_shift(weight: torch.Tensor) -> torch.Tensor:
+    shift, scale = weight.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def flux_diffusers_keys(depth: int, depth_single: int, hidden: int) -> dict[str, Any]:
+    """Forge's flux_to_diffusers weight entries (packages_3rdparty/comfyui_lora_collection/utils.py): diffusers
+    module -> BFL key, q/k/v and proj_mlp as (fused key, (0, start, length)) row slices, norm_out with a function."""
+    m: dict[str, Any] = {}
+    h = hidden
+    for i in range(depth):
+        src, dst = f"transformer_blocks.{i}", f"diffusion_model.double_blocks.{i}"
+        for j, proj in enumerate(("q", "k", "v")):
+            m[f"{src}.attn.to_{proj}"] = (f"{dst}.img_attn.qkv.weight", (0, j * h, h))
+            m[f"{src}.attn.add_{proj}_proj"] = (f"{dst}.txt_attn.qkv.weight", (0, j * h, h))
+        for a, b in (
+            ("attn.to_out.0", "img_attn.proj"),
+            ("norm1.linear", "img_mod.lin"),
+            ("norm1_context.linear", "txt_mod.lin"),
+            ("attn.to_add_out", "txt_attn.proj"),
+            ("ff.net.0.proj", "img_mlp.0"),
+            ("ff.net.2", "img_mlp.2"),
+            ("ff_context.net.0.proj", "txt_mlp.0"),
+            ("ff_context.net.2", "txt_mlp.2"),
+        ):
+            m[f"{src}.{a}"] = f"{dst}.{b}.weight"
+    for i in range(depth_single):
+        src, dst = f"single_transformer_blocks.{i}", f"diffusion_model.single_blocks.{i}"
+        for j, proj in enumerate(("q", "k", "v")):
+            m[f"{src}.attn.to_{proj}"] = (f"{dst}.linear1.weight", (0, j * h, h))
+        m[f"{src}.proj_mlp"] = (f"{dst}.linear1.weight", (0, 3 * h, 4 * h))
+        m[f"{src}.norm.linear"] = f"{dst}.modulation.lin.weight"
+        m[f"{src}.proj_out"] = f"{dst}.linear2.weight"
+    for a, b in (
+        ("proj_out", "final_layer.linear"),
+        ("x_embedder", "img_in"),
+        ("context_embedder", "txt_in"),
+        ("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+        ("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+        ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+        ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+        ("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+        ("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer"),
+    ):
+        m[a] = f"diffusion_model.{b}.weight"
+    m["norm_out.linear"] = ("diffusion_model.final_layer.adaLN_modulation.1.weight", None, swap_scale_shift)
+    return m
 
 
 def model_lora_keys_unet(model: nn.Module, key_map: dict = {}) -> dict:  # noqa: B006 - Forge's own signature
+    """Forge's UNet key map: kohya ``lora_unet_<path_>`` and bare ``diffusion_model.<path>`` names of every weight,
+    bare names of other params, the model's diffusers names (``model.diffusers_keys``: what Forge derives from the
+    UNet config) in kohya/lycoris/diffusers/processor spellings, and for a Flux config the diffusers/OneTrainer/
+    lycoris Flux names with their fused-weight slices."""
     for k in model.state_dict():
-        if k.startswith("diffusion_model.") and k.endswith(".weight"):
-            path = k[len("diffusion_model.") : -len(".weight")]
-            key_map[f"lora_unet_{path.replace('.', '_')}"] = k
+        if not k.startswith("diffusion_model."):
+            continue
+        if k.endswith(".weight"):
+            stem = k[len("diffusion_model.") : -len(".weight")]
+            key_map[f"lora_unet_{stem.replace('.', '_')}"] = k
             key_map[k[: -len(".weight")]] = k
-    key_map.update(getattr(model, "extra_lora_keys", {}))  # e.g. Flux diffusers names -> (fused key, offset)
+        else:
+            key_map[k] = k
+    for diffusers, compvis in getattr(model, "diffusers_keys", {}).items():
+        target = f"diffusion_model.{compvis}.weight"
+        flat = diffusers.replace(".", "_")
+        key_map[f"lora_unet_{flat}"] = target
+        key_map[f"lycoris_{flat}"] = target
+        for prefix in ("", "unet."):
+            name = f"{prefix}{diffusers}".replace(".to_", ".processor.to_")
+            key_map[name[:-2] if name.endswith(".to_out.0") else name] = target
+    cfg = getattr(model, "flux_config", None)
+    if cfg is not None:
+        for k, to in flux_diffusers_keys(cfg["depth"], cfg["depth_single_blocks"], cfg["hidden_size"]).items():
+            key_map[f"transformer.{k}"] = to
+            key_map[f"lycoris_{k.replace('.', '_')}"] = to
+            key_map[f"lora_transformer_{k.replace('.', '_')}"] = to
+    key_map.update(getattr(model, "extra_lora_keys", {}))
     return key_map
 
 
 def model_lora_keys_clip(model: nn.Module, key_map: dict = {}) -> dict:  # noqa: B006 - Forge's own signature
-    sdk = model.state_dict().keys()
+    """Forge's CLIP key map: CLIP-L (te/te1 kohya names, diffusers ``text_encoder.``), CLIP-G as te2 beside a CLIP-L,
+    T5 as ``lora_te3_``/``lora_te2_`` (OneTrainer) and, from Forge's own wrapper, ``lora_te1_``."""
+    sdk = set(model.state_dict().keys())
+    clip_l = False
     for b in range(32):
         for c, flat in LORA_CLIP_MAP.items():
             k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
@@ -209,6 +435,16 @@ def model_lora_keys_clip(model: nn.Module, key_map: dict = {}) -> dict:  # noqa:
                 key_map[f"lora_te_text_model_encoder_layers_{b}_{flat}"] = k
                 key_map[f"lora_te1_text_model_encoder_layers_{b}_{flat}"] = k
                 key_map[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k
+                clip_l = True
+            k = f"clip_g.transformer.text_model.encoder.layers.{b}.{c}.weight"
+            if k in sdk and clip_l:
+                key_map[f"lora_te2_text_model_encoder_layers_{b}_{flat}"] = k
+                key_map[f"text_encoder_2.text_model.encoder.layers.{b}.{c}"] = k
+    for k in sdk:
+        if k.endswith(".weight") and k.startswith("t5xxl.transformer."):
+            flat = k[len("t5xxl.transformer.") : -len(".weight")].replace(".", "_")
+            for prefix in ("te3", "te2", "te1"):
+                key_map[f"lora_{prefix}_{flat}"] = k
     return key_map
 
 
@@ -629,6 +865,7 @@ class FakeForge:
         self.probes: list[Callable[[CFGDenoiser], None]] = []
         self.disk: dict[str, NetworkOnDisk] = {}  # what a LoRA folder scan would find
         self.dynamic_args: dict[str, Any] = {"online_lora": False}
+        self.lora_log: list[tuple[str, list[str]]] = []  # (file, keys Forge left unmatched) per prompt-LoRA load
         self.cond_computations = 0
         self.modules = self._build_modules()
 
@@ -765,19 +1002,26 @@ class FakeForge:
             return load_file(filename)
 
         def load_lora_for_models(model, clip, lora, strength_model, strength_clip, filename, online_mode=False):
+            # Forge's rules: more than 12 keys matching nothing -> the file is not applied at all; a part (UNet,
+            # CLIP) with more than 12 targets missing from the model -> that part is not applied
             lora_unet, rest = load_lora(lora, model_lora_keys_unet(model.model, {}))
             lora_clip, rest = load_lora(rest, model_lora_keys_clip(clip.cond_stage_model, {}))
+            self.lora_log.append((filename, sorted(rest)))
+            if len(rest) > 12:
+                return model, clip
             new_model, new_clip = model.clone(), clip.clone()
             if lora_unet:
-                new_model.add_patches(
+                found = new_model.add_patches(
                     filename=filename, patches=lora_unet, strength_patch=strength_model, online_mode=online_mode
                 )
-                model = new_model
+                if len(lora_unet) - len(found) <= 12:
+                    model = new_model
             if lora_clip:
-                new_clip.add_patches(
+                found = new_clip.add_patches(
                     filename=filename, patches=lora_clip, strength_patch=strength_clip, online_mode=online_mode
                 )
-                clip = new_clip
+                if len(lora_clip) - len(found) <= 12:
+                    clip = new_clip
             return model, clip
 
         def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=None) -> None:
