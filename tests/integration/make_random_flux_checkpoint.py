@@ -69,7 +69,7 @@ def _randomise(model: torch.nn.Module, g: torch.Generator, dtype: torch.dtype) -
 def build(forge_dir: str, double: int, single: int, t5_layers: int, seed: int, dtype: torch.dtype) -> dict:
     # backend.args parses sys.argv at import; memory_management needs --always-cpu on a machine without CUDA
     sys.argv = [sys.argv[0], "--always-cpu"]
-    sys.path.insert(0, forge_dir)
+    sys.path[:0] = [forge_dir, os.path.join(forge_dir, "packages_3rdparty")]  # Forge's paths.py adds the 2nd (gguf)
     from backend.nn.clip import IntegratedCLIP
     from backend.nn.flux import IntegratedFluxTransformer2DModel
     from backend.nn.t5 import IntegratedT5
