@@ -25,6 +25,14 @@ side with the ratio (goal: K-LoRA <= 1.05 x plain, i.e. no weight copy beside Fo
 
     python benchmarks/bench_forge.py --memory --arch sdxl --scope attention --dtype float16   # SDXL-sized, ~4 GB
 
+Server memory (``--url ... --memory``): peak RSS (VmHWM, reset per request through /proc/PID/clear_refs; and the
+GPU memory nvidia-smi reports when there is a GPU) of the server process during a K-LoRA generation and a plain
+two-LoRA generation of the same pair, same server, one run; each kind measured right after the other kind (Forge
+re-merges on every change of its LoRA set) and repeated (merge cached), medians over ``--repeat`` rounds, ratio
+printed. Run it on the machine the server runs on (it reads /proc of the server; start_server.sh's pid file).
+
+    python benchmarks/bench_forge.py --url http://127.0.0.1:7861 --memory --size 512 --steps 8 --repeat 2
+
 Figures are printed, never asserted.
 """
 
@@ -353,6 +361,167 @@ def bench_memory(a: argparse.Namespace) -> None:
         print(f"{'peak VRAM allocated (GiB)':28}{cp / gib:16.3f}{ck / gib:12.3f}{ck / cp:8.3f}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# server memory mode: the server process's own peaks, K-LoRA vs plain, same server, one run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _group_pids(leader: int) -> list[int]:
+    """The server's processes: its process group (start_server.sh starts it with setsid)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == leader or int(entry.name) == leader:  # fields[2]: pgrp
+            pids.append(int(entry.name))
+    return pids or [leader]
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _gpu_used(pids: list[int]) -> int | None:
+    """MiB of GPU memory the server's processes hold (nvidia-smi), None without a GPU."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = 0
+    for line in out.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) in pids:
+            used += int(parts[1])
+    return used
+
+
+class _ServerPeak:
+    """Peak RSS of the server's processes during one request: the kernel's high-water mark (VmHWM) reset before it
+    (/proc/PID/clear_refs = 5), with a 20 ms RSS sampler as a floor; the GPU's use sampled the same way."""
+
+    def __init__(self, leader: int) -> None:
+        self.pids = _group_pids(leader)
+
+    def __enter__(self) -> _ServerPeak:
+        import threading
+
+        self.reset = True
+        for pid in self.pids:
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                self.reset = False
+        self.idle = sum(_status_kb(pid, "VmRSS") for pid in self.pids) * 1024
+        self.sampled = self.idle
+        self.gpu = _gpu_used(self.pids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.sampled = max(self.sampled, sum(_status_kb(pid, "VmRSS") for pid in self.pids) * 1024)
+            if self.gpu is not None:
+                self.gpu = max(self.gpu, _gpu_used(self.pids) or 0)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        hwm = sum(_status_kb(pid, "VmHWM") for pid in self.pids) * 1024
+        self.peak = max(hwm if self.reset else 0, self.sampled)
+
+
+def bench_server_memory(a: argparse.Namespace) -> None:
+    """Peak RSS (and GPU memory) of the server during a plain two-LoRA generation and a K-LoRA generation of the
+    same pair, alternated so each measured request follows the other kind (Forge re-merges its LoRAs on every
+    change of the LoRA set, so every measured request includes that merge), plus a repeat of each (merge cached)."""
+    url = a.url.rstrip("/")
+    leader = a.pid or int(Path("/tmp/klora-server.pid").read_text().strip())
+    with urllib.request.urlopen(url + "/klora/v1/version", timeout=60) as resp:
+        version = json.loads(resp.read().decode())
+    base = {
+        "prompt": a.prompt,
+        "negative_prompt": "",
+        "steps": a.steps,
+        "width": a.size,
+        "height": a.size,
+        "seed": 1234,
+        "sampler_name": a.sampler,
+        "cfg_scale": 5,
+        "override_settings": {"live_previews_enable": False},
+    }
+    plain = {**base, "prompt": f"{a.prompt} <lora:{a.content}:{a.wc:g}> <lora:{a.style}:{a.ws:g}>"}
+    klora_args = {
+        "enabled": True,
+        "content": a.content,
+        "style": a.style,
+        "content_weight": a.wc,
+        "style_weight": a.ws,
+    }
+    klora = {**base, "alwayson_scripts": {"K-LoRA": {"args": [klora_args]}}}
+    print(
+        f"server {url} (pid {leader}, processes {_group_pids(leader)}): K-LoRA {version.get('version')} "
+        f"host={version.get('host')}; {a.steps} steps {a.size}x{a.size}; content '{a.content}' x{a.wc:g}, style "
+        f"'{a.style}' x{a.ws:g}"
+    )
+    _post(url, klora, a.timeout)  # warm-up: scores computed and cached, so no scoring inside a measured request
+    _post(url, plain, a.timeout)
+    rows: dict[str, list[tuple[int, int, int | None]]] = {}
+    sampled_only = False
+    for rnd in range(a.repeat):
+        for name, payload in (("K-LoRA", klora), ("plain", plain)):
+            for phase in ("after the other", "repeated"):
+                with _ServerPeak(leader) as peak:
+                    _, body = _post(url, payload, a.timeout)
+                if name == "K-LoRA":
+                    info = json.loads(body.get("info") or "{}").get("infotexts", [""])[0]
+                    if "K-LoRA: v1" not in info or "K-LoRA skipped" in info:
+                        print(f"warning: K-LoRA did not run (round {rnd}): {info[-300:]}")
+                rows.setdefault(f"{name} ({phase})", []).append((peak.idle, peak.peak, peak.gpu))
+                sampled_only = sampled_only or not peak.reset
+    if sampled_only:
+        print("note: /proc/PID/clear_refs was not writable: peaks are from a 20 ms RSS sampler")
+    gib = 2**30
+    print(f"\n{'request':32}{'idle RSS GiB':>14}{'peak RSS GiB':>14}{'above idle':>12}{'GPU MiB':>10}")
+    med: dict[str, tuple[float, float, float | None]] = {}
+    for name, vals in rows.items():
+        idle = statistics.median(v[0] for v in vals)
+        peak = statistics.median(v[1] for v in vals)
+        gpus = [v[2] for v in vals if v[2] is not None]
+        gpu = statistics.median(gpus) if gpus else None
+        med[name] = (idle, peak, gpu)
+        gpu_s = f"{gpu:10.0f}" if gpu is not None else f"{'-':>10}"
+        print(f"{name:32}{idle / gib:14.3f}{peak / gib:14.3f}{(peak - idle) / gib:12.3f}{gpu_s}")
+    for phase in ("after the other", "repeated"):
+        k, p = med[f"K-LoRA ({phase})"], med[f"plain ({phase})"]
+        line = f"K-LoRA / plain peak RSS ({phase}): {k[1] / p[1]:.3f}"
+        if k[2] is not None and p[2]:
+            line += f"; GPU {k[2] / p[2]:.3f}"
+        print(line + "  (target <= 1.05)")
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -383,9 +552,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--memory", action="store_true", help="no server: peak RAM/VRAM, K-LoRA vs plain (fake host)")
     ap.add_argument("--mem-child", choices=("plain", "klora"), help=argparse.SUPPRESS)
+    ap.add_argument("--pid", type=int, help="server process (default: /tmp/klora-server.pid of start_server.sh)")
     a = ap.parse_args()
     if a.mem_child:
         mem_child(a)
+    elif a.memory and a.url:
+        bench_server_memory(a)
     elif a.memory:
         bench_memory(a)
     elif a.micro:
