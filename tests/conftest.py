@@ -14,6 +14,7 @@ _HOST_MODULES = (
     "networks",
     "network",
     "network_lora",
+    "network_lyco",
     "extra_networks_lora",
     "gradio",
     "xyz_grid",

@@ -148,7 +148,7 @@ def _both_other_model(webui):
         (lambda w: {**GOOD, "style": ""}, "only one LoRA"),
         (lambda w: {"enabled": True}, "no LoRAs chosen"),
         (_corrupt, "broken"),
-        (_other_model, "same base model"),
+        (_other_model, "another base model"),  # the host matches none of its keys to this model
         (_both_other_model, "another base model"),
     ],
 )

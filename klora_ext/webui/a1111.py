@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 
-from klora_ext import keys
 from klora_ext.errors import KLoraError
 from klora_ext.log import logger
 from klora_ext.runtime import BOTH, CONTENT, NONE, STYLE, Change, static_role
-from klora_ext.webui.adapter_base import HostAdapter, KLoraRun, LoraRef, StepInfo
+from klora_ext.webui import a1111_layers
+from klora_ext.webui.adapter_base import HostAdapter, HostLayers, KLoraRun, LoraRef, StepInfo
 
 _NET_CACHE_SIZE = 4
 # What a touched layer's ``network_current_names`` is set to. ``()`` alone is not enough: the builtin reads ``()`` as
@@ -88,6 +88,7 @@ class A1111Adapter(HostAdapter):
         self._content_mods: dict[str, Any] = {}
         self._style_mods: dict[str, Any] = {}
         self._switch: dict[str, str] = {}  # plan layer id -> A1111 layer name
+        self._ids: dict[str, str] = {}  # A1111 layer name -> layer id (every module both files' networks merge)
         self._touched: dict[int, torch.nn.Module] = {}
         # layers left for the builtin's lazy restore after the last generation (restored eagerly if needed later)
         # weak: a checkpoint unloaded meanwhile must not be kept alive by this list
@@ -195,11 +196,13 @@ class A1111Adapter(HostAdapter):
     def _load(self, ref: LoraRef) -> Any:
         entry = self._on_disk(ref.name)
         try:
-            mtime = os.path.getmtime(entry.filename)
+            st = os.stat(entry.filename)
         except OSError as exc:
             msg = f"[K-LoRA] cannot read LoRA '{ref.name}' ({entry.filename}): {exc.strerror or exc}"
             raise KLoraError(msg) from exc
-        key = (os.path.abspath(entry.filename), mtime, id(_shared().sd_model))
+        # a same-size replacement with its mtime kept still changes the inode or ctime
+        identity = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        key = (os.path.abspath(entry.filename), identity, id(_shared().sd_model))
         net = self._net_cache.get(key)
         if net is None:
             try:
@@ -222,6 +225,38 @@ class A1111Adapter(HostAdapter):
     def drop_caches(self) -> None:
         """Forget loaded LoRAs (their modules point at the previous checkpoint's layers)."""
         self._net_cache.clear()
+
+    # ---- the host's own layer set (issue 7) ---------------------------------------------------------------------
+    def host_layers(self, p: Any, content: LoraRef, style: LoraRef) -> HostLayers:
+        """The layers the builtin patches for both files (``Network.modules`` of its own loader, see
+        ``a1111_layers``). The mapping id names the model's layer map, the compute dtype and, for DoRA files (their
+        deltas depend on the base weights), the checkpoint."""
+        content_net, style_net = self._load(content), self._load(style)
+        model, mapping = _shared().sd_model, self._mapping()
+        parts = [
+            f"a1111:v{a1111_layers.MAPPING_VERSION}",
+            a1111_layers.mapping_fingerprint(model, mapping),
+            str(_compute_dtype()).removeprefix("torch."),
+        ]
+        if a1111_layers.needs_base(content_net) or a1111_layers.needs_base(style_net):
+            parts.append("ckpt=" + _checkpoint_id(model))
+
+        def load() -> tuple[Any, Any]:
+            from klora_ext.webui.run import score_cache
+
+            return tuple(  # type: ignore[return-value]
+                a1111_layers.host_lora(
+                    net,
+                    name=ref.name,
+                    path=ref.path,
+                    sha256=score_cache().file_hash(ref.path),
+                    model=model,
+                    mapping=mapping,
+                )
+                for net, ref in ((content_net, content), (style_net, style))
+            )
+
+        return HostLayers(":".join(parts), load)
 
     # ---- arming -------------------------------------------------------------------------------------------------
     def _side(self, label: str, ref: LoraRef, source: Any, weight: float) -> tuple[Any, dict[str, Any]]:
@@ -248,9 +283,13 @@ class A1111Adapter(HostAdapter):
 
         missing = []
         self._switch = {}
+        model, mapping = _shared().sd_model, self._mapping()
+        content_names = a1111_layers.names_by_id(content_net, model, mapping)
+        style_names = a1111_layers.names_by_id(style_net, model, mapping)
+        self._ids = {name: i for i, name in (*content_names.items(), *style_names.items())}
         for layer_id in run.session.plan_layer_ids():
-            name = keys.a1111_name(layer_id)
-            if name is not None and name in self._content_mods and name in self._style_mods:
+            name = content_names.get(layer_id)
+            if name is not None and style_names.get(layer_id) == name:
                 self._switch[layer_id] = name
             else:
                 missing.append(layer_id)
@@ -268,10 +307,9 @@ class A1111Adapter(HostAdapter):
         # Layers the plan does not switch: one static role for the whole run.
         switched = set(self._switch.values())
         te_applied = False
-        unet_paths = _unet_paths(_shared().sd_model)
-        mapping = self._mapping()
+        unet_paths = _unet_paths(model)
         for name in sorted((set(self._content_mods) | set(self._style_mods)) - switched):
-            layer_id = unet_paths.get(name) or _pseudo_id(name)
+            layer_id = self._ids.get(name) or unet_paths.get(name) or _pseudo_id(name)
             role = static_role(layer_id, name in self._content_mods, name in self._style_mods, args)
             self._set_role(name, role)
             if role != NONE:
@@ -469,6 +507,27 @@ class A1111Adapter(HostAdapter):
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
+def _compute_dtype() -> Any:
+    try:
+        from modules import devices
+
+        return devices.dtype
+    except ImportError:
+        return torch.float32
+
+
+def _checkpoint_id(model: Any) -> str:
+    """The loaded checkpoint's hash (file name and size when the host has none)."""
+    info = getattr(model, "sd_checkpoint_info", None)
+    for value in (getattr(info, "sha256", None), getattr(model, "sd_model_hash", None), getattr(info, "hash", None)):
+        if value:
+            return str(value)
+    filename = getattr(info, "filename", None) or getattr(model, "sd_model_checkpoint", None)
+    if filename and os.path.exists(filename):
+        return f"{os.path.basename(filename)}:{os.path.getsize(filename)}"
+    return f"id{id(model)}"  # unknown: never shared with another model
+
+
 def _functional_mode() -> bool:
     try:
         return bool(getattr(_shared().opts, "lora_functional", False))

@@ -20,6 +20,7 @@ Call sequence driven by the Script (``klora_ext/webui/script.py``), identical on
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,20 @@ class StepInfo:
     denoise: float | None = None
 
 
+@dataclass(frozen=True)
+class HostLayers:
+    """A pair of LoRAs as the host itself patches them into the loaded model (issue 7).
+
+    ``mapping``: the score-cache id of the host's layer mapping (cheap; computed on every run). ``load()``: called on
+    a cache miss only; the two files (LoraFile) whose ``.layers`` are exactly what the host applies and K-LoRA may
+    switch, keyed by canonical ``keys`` ids derived from the host's own targets (two files share a layer iff the host
+    patches the same target), ``.static_layers`` what the host applies but K-LoRA never switches, and ``.warnings``
+    the run notes (what the host leaves out); the notes are cached with the scores."""
+
+    mapping: str
+    load: Callable[[], tuple[Any, Any]]
+
+
 class HostAdapter(abc.ABC):
     """Subclasses implement the host-specific parts; the pass/step bookkeeping lives here."""
 
@@ -114,8 +129,17 @@ class HostAdapter(abc.ABC):
     def host_files(self, p: Any, content: LoraRef, style: LoraRef) -> tuple[str, Any, Any] | None:
         """(layer mapping id, content LoraFile, style LoraFile) as the host itself patches the two files into the
         loaded model: the layer set K-LoRA scores and switches, keyed in the score cache by the mapping id. None:
-        score the host-free reader's layers (the default)."""
+        score the host-free reader's layers (the default). The eager form of :meth:`host_layers`."""
         return None
+
+    def host_layers(self, p: Any, content: LoraRef, style: LoraRef) -> HostLayers | None:
+        """The host's own layer set for the pair (see :class:`HostLayers`); default: :meth:`host_files`, else None
+        (score the host-free reader's layers)."""
+        files = self.host_files(p, content, style)
+        if files is None:
+            return None
+        mapping, content_file, style_file = files
+        return HostLayers(mapping, lambda: (content_file, style_file))
 
     # ---- shared -------------------------------------------------------------------------------------------------
     def on_denoiser(self, params: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from klora_ext.cache import ScoreCache
 from klora_ext.errors import KLoraError
 from klora_ext.reference import REFERENCE_CLOCKS
 from klora_ext.runtime import Session
-from klora_ext.scoring import compute_scores
+from klora_ext.scoring import PairScores, compute_scores
 from klora_ext.webui.adapter_base import HostAdapter, KLoraRun
 
 # The cache file lives next to the extension (never inside the WebUI's own folders).
@@ -20,6 +21,7 @@ EXTENSION_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE_PATH = EXTENSION_ROOT / "cache" / "scores.json"
 
 _cache: ScoreCache | None = None
+HOST_NOTES = "host_notes"  # PairScores.meta key: the host's notes on the pair (what it leaves out)
 
 
 def score_cache(max_entries: int | None = None) -> ScoreCache:
@@ -57,14 +59,23 @@ def prepare_run(
         raise KLoraError(msg)
     reference = args.clock in REFERENCE_CLOCKS
     device = adapter.score_device()
-    host = adapter.host_files(p, content, style)  # the host's own layer set (None: the host-free reader's)
+    host = adapter.host_layers(p, content, style)  # the host's own layer set (None: the host-free reader's)
     compute = None
     if host is not None:
 
-        def compute(*_: Any) -> Any:
-            return compute_scores(
-                host[1], host[2], k_multiplier=args.k_multiplier, device=device, progress=progress, reference=reference
+        def compute(*_: Any) -> PairScores:
+            content_file, style_file = host.load()
+            scores = compute_scores(
+                content_file,
+                style_file,
+                k_multiplier=args.k_multiplier,
+                device=device,
+                progress=progress,
+                reference=reference,
             )
+            # what the host leaves out: a property of (files, mapping), so cached with the scores
+            notes = list(dict.fromkeys([*content_file.warnings, *style_file.warnings]))
+            return replace(scores, meta={**scores.meta, HOST_NOTES: notes})
 
     scores, cached = score_cache().get_or_compute(
         content.path,
@@ -73,14 +84,12 @@ def prepare_run(
         device=device,
         progress=progress,
         reference=reference,
-        mapping=host[0] if host is not None else "reader",
+        mapping=host.mapping if host is not None else "reader",
         compute=compute,
     )
     session = Session(args, scores, seed=seed)
-    # what the host leaves out of either file
-    run_notes = list(dict.fromkeys([*host[1].warnings, *host[2].warnings])) if host is not None else []
     # Build the first pass's plan now: errors (e.g. nothing in scope) must surface here, not inside a callback.
     session.plan_for_pass(max(int(steps), 1))
     run = KLoraRun(args=args, session=session, content=content, style=style, owner=p, from_cache=cached)
-    run.notes.extend(run_notes)
+    run.notes.extend(str(n) for n in scores.meta.get(HOST_NOTES, ()))
     return run

@@ -84,6 +84,9 @@ class NetworkModule:
         self.bias = weights.w.get("bias")
         self.alpha = weights.w["alpha"].item() if "alpha" in weights.w else None
         self.scale = weights.w["scale"].item() if "scale" in weights.w else None
+        # DoRA (LyCORIS dora_scale): the builtin normalises over every axis but the input one (v1.10 network.py)
+        self.dora_scale = weights.w.get("dora_scale")
+        self.dora_norm_dims = len(self.shape) - 1
 
     def multiplier(self):
         # text-encoder keys carry "transformer" in their first 20 characters; UNet keys start "diffusion_model_"
@@ -98,7 +101,19 @@ class NetworkModule:
             return self.alpha / self.dim
         return 1.0
 
+    def apply_weight_decompose(self, updown, orig_weight):
+        """(W + dW) * m / ||W + dW|| - W, the norm taken per input column (over output rows and kernel)."""
+        w = orig_weight.to(updown.dtype)
+        merged = updown.to(w.device) + w
+        cols = merged.shape[1]
+        norm = merged.transpose(0, 1).reshape(cols, -1).norm(dim=1).reshape(1, cols, *[1] * (merged.dim() - 2))
+        m = self.dora_scale.to(device=w.device, dtype=updown.dtype)
+        return merged * (m / norm) - w
+
     def finalize_updown(self, updown, orig_weight, output_shape, ex_bias=None):
+        if self.bias is not None:
+            updown = updown.reshape(self.bias.shape) + self.bias.to(orig_weight.device, dtype=updown.dtype)
+            updown = updown.reshape(output_shape)
         if len(output_shape) == 4:
             updown = updown.reshape(output_shape)
         if orig_weight.size().numel() == updown.size().numel():
@@ -106,6 +121,8 @@ class NetworkModule:
         if ex_bias is not None:
             ex_bias = ex_bias * self.multiplier()
         updown = updown * self.calc_scale()
+        if self.dora_scale is not None:
+            updown = self.apply_weight_decompose(updown, orig_weight)
         return updown * self.multiplier(), ex_bias
 
     def calc_updown(self, target):

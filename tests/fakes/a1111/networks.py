@@ -16,11 +16,21 @@ import re
 
 import network
 import network_lora
+import network_lyco
 import torch
 import torch.nn.functional as F
 from modules import devices, shared
 
-module_types = [network_lora.ModuleTypeLora()]
+# the builtin's order: the first type that accepts a module's keys wins
+module_types = [
+    network_lora.ModuleTypeLora(),
+    network_lyco.ModuleTypeHada(),
+    network_lyco.ModuleTypeIa3(),
+    network_lyco.ModuleTypeLokr(),
+    network_lyco.ModuleTypeFull(),
+    network_lyco.ModuleTypeNorm(),
+    network_lyco.ModuleTypeGLora(),
+]
 
 available_networks: dict = {}
 available_network_aliases: dict = {}
@@ -235,8 +245,10 @@ def network_apply_weights(self):
             try:
                 with torch.no_grad():
                     weight = self.weight
-                    updown, _ = module.calc_updown(weight)
+                    updown, ex_bias = module.calc_updown(weight)
                     self.weight.copy_((weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
+                    if ex_bias is not None and self.bias is not None:
+                        self.bias.copy_((self.bias + ex_bias).to(dtype=self.bias.dtype))
             except RuntimeError:
                 errors[net.name] = errors.get(net.name, 0) + 1
         self.network_current_names = wanted
