@@ -193,6 +193,28 @@ def test_dora_delta_is_forges_weight_decompose(flux: FluxWorld) -> None:
     assert layer.rank == 2
 
 
+def test_dora_on_a_fused_weight_gives_the_slices_of_forges_delta(flux: FluxWorld) -> None:
+    fused = "flux:double_blocks.0.img_attn.qkv"
+    module = synthetic._flux_module(fused, "kohya")
+    magnitude = torch.rand(3 * H, 1) + 0.5
+    flux.add("dora", "kohya", seed=4, extra={f"{module}.dora_scale": magnitude})
+    host = host_lora(flux, "dora")
+    w = flux.kmodel.get_parameter("diffusion_model.double_blocks.0.img_attn.qkv.weight").double()
+    merged = w.clone()
+    for part in ("q", "k", "v"):
+        _, offset = where_of(f"{fused}[{part}]")
+        merged[offset[1] : offset[1] + offset[2]] += flux.delta("dora", f"{fused}[{part}]")
+    norm = w.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps
+    whole = merged * (magnitude.double() / norm) - w
+    for part in ("q", "k", "v"):
+        _, offset = where_of(f"{fused}[{part}]")
+        layer = host.lora.layers[f"{fused}[{part}]"]
+        assert (host.where[layer.id].key, host.where[layer.id].offset) == where_of(layer.id)
+        want = whole[offset[1] : offset[1] + offset[2]]
+        assert torch.allclose(layer.delta().double(), want, atol=1e-5), part
+    assert host.base_dependent
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # a mixed-format pair through a generation
 # ---------------------------------------------------------------------------------------------------------------

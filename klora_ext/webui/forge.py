@@ -39,6 +39,7 @@ import math
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -428,6 +429,54 @@ def _host_delta(value: Any, function: Any, base: torch.Tensor, key: str) -> torc
     return merged - base  # out of place: Forge merges under inference_mode
 
 
+class _LazyHostDelta(Mapping):
+    """The factors ({"diff": delta}) of a layer whose delta Forge computes from the patch and the original weight
+    (DoRA, GLoRA, patch functions): computed on every access, never kept, so K-LoRA holds no weight-sized copy.
+    The original is Forge's backup of the weight when Forge has merged into it, else the weight itself."""
+
+    def __init__(
+        self,
+        value: Any,
+        function: Any,
+        key: str,
+        model: Any,
+        offset: tuple[int, int, int] | None,
+        rows: tuple[int, int] | None = None,
+    ) -> None:
+        self.value, self.function, self.key, self.model, self.offset, self.rows = (
+            value,
+            function,
+            key,
+            model,
+            offset,
+            rows,
+        )
+
+    def _base(self) -> torch.Tensor:
+        backup = getattr(getattr(self.model, "lora_loader", None), "backup", None) or {}
+        weight = backup.get(self.key)
+        if weight is None:
+            weight = self.model.get_parameter(self.key)
+        if _is_quantized(weight) or weight.dtype not in FLOAT_DTYPES:
+            weight = _dequantized(weight)
+        return _region(weight.detach(), self.offset)
+
+    def check(self) -> None:
+        self["diff"]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name != "diff":
+            raise KeyError(name)
+        delta = _host_delta(self.value, self.function, self._base(), self.key)
+        return delta if self.rows is None else delta[self.rows[0] : self.rows[1]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("diff",))
+
+    def __len__(self) -> int:
+        return 1
+
+
 def build_host_lora(path: str, name: str, sha256: str, unet_model: Any, clip_model: Any) -> HostLora:
     """The layers Forge's own loader patches for ``path`` into the loaded model (``load_lora`` with the model's
     ``model_lora_keys_unet``/``_clip`` maps, then ``add_patches``' check against the model's parameters).
@@ -466,7 +515,6 @@ def build_host_lora(path: str, name: str, sha256: str, unet_model: Any, clip_mod
         if not part_patches:
             continue
         params = dict(model.named_parameters())
-        backup = getattr(getattr(model, "lora_loader", None), "backup", None) or {}  # originals Forge merged into
         skipped = [k for k in part_patches if (k if isinstance(k, str) else k[0]) not in params]
         if len(skipped) > _FORGE_REFUSES:
             what = "UNet" if model is unet_model else "text encoder"
@@ -515,18 +563,26 @@ def build_host_lora(path: str, name: str, sha256: str, unet_model: Any, clip_mod
                 if kind not in ("lora", "loha", "lokr", "glora", "diff"):
                     kinds_left[kind] = kinds_left.get(kind, 0) + 1
                     continue
-                if _is_quantized(param) or param.dtype not in FLOAT_DTYPES:
-                    base = _dequantized(backup.get(key, param))
-                else:
-                    base = backup.get(key, param)
-                base = _region(base.detach(), offset)
+                lazy = _LazyHostDelta(value, function, key, model, offset)
                 try:
-                    delta = _host_delta(value, function, base, key)
+                    lazy.check()
                 except Exception as exc:  # noqa: BLE001 - Forge's merge refuses it: Forge would not apply it either
                     notes.append(f"'{name}': Forge cannot merge {key} ({exc}); left out")
                     continue
-                layer = LoraLayer(layer_id, "full", _value_rank(value), shape, 1.0, source, {"diff": delta})
                 base_dependent = base_dependent or function is None  # a patch function alone needs no base
+                rank = _value_rank(value)
+                path = keys.layer_id_parts(layer_id)[1]
+                parts = keys.fused_parts(path) if offset is None and layer_id.startswith("flux:") else None
+                if parts and len(shape) == 2 and keys.fused_split_ok(path, shape[0], shape[1]):
+                    for part in parts:  # the same slices as a split file of it (computed per slice, on demand)
+                        start, stop = keys.slice_rows(part, int(shape[1]), int(shape[0]))
+                        piece_id = f"{layer_id}[{part}]"
+                        piece_shape = (stop - start, shape[1])
+                        factors = _LazyHostDelta(value, function, key, model, offset, (start, stop))
+                        layers[piece_id] = LoraLayer(piece_id, "full", rank, piece_shape, 1.0, source, factors)
+                        where[piece_id] = _Where(key, (0, start, stop - start))
+                    continue
+                layer = LoraLayer(layer_id, "full", rank, shape, 1.0, source, lazy)
             pieces = _split_fused(layer, name) if offset is None else [layer]
             for piece in pieces:
                 if piece.id in layers:
