@@ -11,6 +11,7 @@ from typing import Any
 from klora_ext.args import KLoraArgs
 from klora_ext.cache import ScoreCache
 from klora_ext.errors import KLoraError
+from klora_ext.log import logger
 from klora_ext.reference import REFERENCE_CLOCKS
 from klora_ext.runtime import Session
 from klora_ext.scoring import PairScores, compute_scores
@@ -91,5 +92,7 @@ def prepare_run(
     # Build the first pass's plan now: errors (e.g. nothing in scope) must surface here, not inside a callback.
     session.plan_for_pass(max(int(steps), 1))
     run = KLoraRun(args=args, session=session, content=content, style=style, owner=p, from_cache=cached)
-    run.notes.extend(str(n) for n in scores.meta.get(HOST_NOTES, ()))
+    for note in scores.meta.get(HOST_NOTES, ()):
+        logger.info(note)
+        run.notes.append(str(note))
     return run
