@@ -7,6 +7,7 @@ here; the host-free reader (what the CLI uses) is the other side of the CLI/host
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -269,3 +270,21 @@ def test_a_replaced_file_with_its_mtime_kept_is_read_again(host):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     after = adapter.host_layers(None, *refs).load()[1].layers[specs[0][0]].delta()
     assert not torch.allclose(before, after)
+
+
+def test_a_module_the_builtin_cannot_merge_is_left_out_with_a_note(host):
+    from klora_ext import synthetic
+
+    specs = _specs(("unet:",))
+    bad_id, bad_shape = specs[0]
+    other_shape = next(s for _, s in specs if math.prod(s) != math.prod(bad_shape))
+    content = _sd(specs[1:], kind="loha", seed=1)
+    # LoHa factors of another layer's shape: the builtin's calc_updown fails there and it skips the module
+    wrong = synthetic.make_lora_state_dict([(bad_id, other_shape)], 2, style="kohya", kind="loha", seed=4, arch="sdxl")
+    _save(host, "c", {**content, **wrong})
+    _save(host, "s", _sd(specs, seed=2))
+    _, c, _ = _host_files()
+    assert bad_id not in c.layers and set(c.layers) == {i for i, _ in specs[1:]}
+    assert any("A1111 skips 1 modules of 'c'" in w for w in c.warnings), c.warnings
+    _, res = host.generate(ARGS, prompt="x", steps=3)
+    assert len(res.images) == 1 and bad_id not in [x["id"] for x in _last_plan()["layers"]]

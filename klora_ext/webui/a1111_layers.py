@@ -248,13 +248,18 @@ def _host_layer(target: HostTarget, sources: tuple[str, ...]) -> tuple[LoraLayer
         return None, "its factors do not fit the layer"
     delta = _HostDelta(target)
     try:
-        probe = delta["diff"]  # the builtin skips a module whose calc_updown fails; so do we
+        # the builtin skips a module whose calc_updown fails (shape mismatch): so do we. On meta tensors this costs
+        # no arithmetic; an op without a meta kernel falls back to one real computation.
+        try:
+            with torch.no_grad():
+                probe, _ = _unit(target.module).calc_updown(base.to("meta"))
+        except NotImplementedError:
+            probe = delta["diff"]
     except RuntimeError as exc:
         return None, f"the builtin's calc_updown fails ({exc})"
-    if tuple(probe.shape) != shape:
+    if probe.numel() != math.prod(shape):
         return None, f"its delta has shape {tuple(probe.shape)}, the layer {shape}"
     rank = _dense_rank(target.module, shape)
-    del probe
     return LoraLayer(target.layer_id, "full", rank, shape, 1.0, sources, delta), ""  # type: ignore[arg-type]
 
 
