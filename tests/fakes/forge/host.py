@@ -368,6 +368,13 @@ def flux_diffusers_keys(depth: int, depth_single: int, hidden: int) -> dict[str,
             ("ff_context.net.2", "txt_mlp.2"),
         ):
             m[f"{src}.{a}"] = f"{dst}.{b}.weight"
+        for a, b in (
+            ("attn.norm_q", "img_attn.norm.query_norm"),
+            ("attn.norm_k", "img_attn.norm.key_norm"),
+            ("attn.norm_added_q", "txt_attn.norm.query_norm"),
+            ("attn.norm_added_k", "txt_attn.norm.key_norm"),
+        ):
+            m[f"{src}.{a}"] = f"{dst}.{b}.scale"
     for i in range(depth_single):
         src, dst = f"single_transformer_blocks.{i}", f"diffusion_model.single_blocks.{i}"
         for j, proj in enumerate(("q", "k", "v")):
@@ -375,6 +382,8 @@ def flux_diffusers_keys(depth: int, depth_single: int, hidden: int) -> dict[str,
         m[f"{src}.proj_mlp"] = (f"{dst}.linear1.weight", (0, 3 * h, 4 * h))
         m[f"{src}.norm.linear"] = f"{dst}.modulation.lin.weight"
         m[f"{src}.proj_out"] = f"{dst}.linear2.weight"
+        m[f"{src}.attn.norm_q"] = f"{dst}.norm.query_norm.scale"
+        m[f"{src}.attn.norm_k"] = f"{dst}.norm.key_norm.scale"
     for a, b in (
         ("proj_out", "final_layer.linear"),
         ("x_embedder", "img_in"),
