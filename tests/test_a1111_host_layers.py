@@ -288,3 +288,22 @@ def test_a_module_the_builtin_cannot_merge_is_left_out_with_a_note(host):
     assert any("A1111 skips 1 modules of 'c'" in w for w in c.warnings), c.warnings
     _, res = host.generate(ARGS, prompt="x", steps=3)
     assert len(res.images) == 1 and bad_id not in [x["id"] for x in _last_plan()["layers"]]
+
+
+def test_reference_numbers_come_from_the_files_as_stored(host):
+    """The authors' code reads the files in their own dtype (fp16 here); the builtin keeps factors in its compute
+    dtype (fp32 in the fake), so the reference clocks' top sums must come from the files, not the host modules."""
+    from klora_ext.args import KLoraArgs
+    from klora_ext.lora_file import read_lora
+    from klora_ext.reference import reference_scores
+    from klora_ext.webui import run
+    from klora_ext.webui.a1111 import A1111Adapter
+
+    specs = _specs(("unet:",))
+    for name, seed in (("c", 1), ("s", 2)):
+        _save(host, name, {k: v.half() for k, v in _sd(specs, seed=seed, rank=3).items()})
+    args = KLoraArgs(enabled=True, content="c", style="s", clock="reference", scope="attention")
+    got = run.prepare_run(args, A1111Adapter(), None, steps=4).session.scores.reference
+    want = reference_scores(read_lora(host.lora_dir / "c.safetensors"), read_lora(host.lora_dir / "s.safetensors"))
+    assert got.layer_ids == want.layer_ids and got.dtype_content == want.dtype_content == ("float16",) * len(got.k)
+    assert got.top_content == want.top_content and got.top_style == want.top_style

@@ -256,7 +256,16 @@ class A1111Adapter(HostAdapter):
                 for net, ref in ((content_net, content), (style_net, style))
             )
 
-        return HostLayers(":".join(parts), load)
+        def raw_files() -> tuple[Any, Any]:
+            from klora_ext.lora_file import read_lora
+            from klora_ext.webui.run import score_cache
+
+            return tuple(  # type: ignore[return-value]
+                read_lora(ref.path, name=ref.name, sha256=score_cache().file_hash(ref.path))
+                for ref in (content, style)
+            )
+
+        return HostLayers(":".join(parts), load, raw_files)
 
     # ---- arming -------------------------------------------------------------------------------------------------
     def _side(self, label: str, ref: LoraRef, source: Any, weight: float) -> tuple[Any, dict[str, Any]]:

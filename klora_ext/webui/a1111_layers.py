@@ -32,7 +32,7 @@ import hashlib
 import math
 import re
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -352,6 +352,3 @@ def mapping_fingerprint(model: Any, mapping: Mapping[str, Any]) -> str:
     except AttributeError:
         pass
     return value
-
-
-LoadFn = Callable[[], tuple[LoraFile, LoraFile]]

@@ -78,10 +78,13 @@ class HostLayers:
     a cache miss only; the two files (LoraFile) whose ``.layers`` are exactly what the host applies and K-LoRA may
     switch, keyed by canonical ``keys`` ids derived from the host's own targets (two files share a layer iff the host
     patches the same target), ``.static_layers`` what the host applies but K-LoRA never switches, and ``.warnings``
-    the run notes (what the host leaves out); the notes are cached with the scores."""
+    the run notes (what the host leaves out); the notes are cached with the scores. ``raw_files()`` (optional): the
+    files as stored, for the reference clocks' numbers (the authors' code reads the files in their own dtype, while
+    a host may keep the factors in its compute dtype)."""
 
     mapping: str
     load: Callable[[], tuple[Any, Any]]
+    raw_files: Callable[[], tuple[Any, Any]] | None = None
 
 
 class HostAdapter(abc.ABC):

@@ -12,9 +12,9 @@ from klora_ext.args import KLoraArgs
 from klora_ext.cache import ScoreCache
 from klora_ext.errors import KLoraError
 from klora_ext.log import logger
-from klora_ext.reference import REFERENCE_CLOCKS
+from klora_ext.reference import REFERENCE_CLOCKS, reference_scores
 from klora_ext.runtime import Session
-from klora_ext.scoring import PairScores, compute_scores
+from klora_ext.scoring import PairScores, compute_scores, pick_score_device
 from klora_ext.webui.adapter_base import HostAdapter, KLoraRun
 
 # The cache file lives next to the extension (never inside the WebUI's own folders).
@@ -66,14 +66,17 @@ def prepare_run(
 
         def compute(*_: Any) -> PairScores:
             content_file, style_file = host.load()
+            raw = reference and host.raw_files is not None
             scores = compute_scores(
                 content_file,
                 style_file,
                 k_multiplier=args.k_multiplier,
                 device=device,
                 progress=progress,
-                reference=reference,
+                reference=reference and not raw,
             )
+            if raw:
+                scores = replace(scores, reference=reference_scores(*host.raw_files(), pick_score_device(device)))
             # what the host leaves out: a property of (files, mapping), so cached with the scores
             notes = list(dict.fromkeys([*content_file.warnings, *style_file.warnings]))
             return replace(scores, meta={**scores.meta, HOST_NOTES: notes})
