@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a live WebUI for the integration tiers, in the background, holding the machine's one-server lock.
 #
-#   tests/integration/start_server.sh a1111|forge [extra launch.py flags...]
+#   tests/integration/start_server.sh a1111|forge|neo|classic [extra launch.py flags...]
 #
 # Prints the URL (last line of stdout) once the API answers and a 1-step 64x64 txt2img has loaded the checkpoint;
 # exits non-zero with the log tail if the server dies or is not ready in time. Stop it with stop_server.sh.
@@ -11,11 +11,12 @@
 # Environment (defaults in brackets):
 #   KLORA_CKPT      checkpoint [/work/webui/models/Stable-diffusion/random-sd15.safetensors]
 #   KLORA_LORA_DIR  LoRA folder [/work/webui/models/Lora]
-#   KLORA_PORT      [7860 for a1111, 7861 for forge]
+#   KLORA_PORT      [7860 for a1111, 7861 for forge, 7862 for neo, 7863 for classic]
 #   KLORA_LOCK_WAIT seconds to wait for another helper's server to stop [3600]
 #   KLORA_READY_WAIT seconds to wait for readiness [1800]
 #   KLORA_CACHE_PATH K-LoRA score cache used by the server [/tmp/klora-cache/scores.json]
-#   KLORA_WEBUI_DIR / KLORA_WEBUI_VENV [/work/webui, /work/webui-venv]; KLORA_FORGE_DIR / KLORA_FORGE_VENV likewise
+#   KLORA_WEBUI_DIR / KLORA_WEBUI_VENV [/work/webui, /work/webui-venv]; KLORA_FORGE_DIR / KLORA_FORGE_VENV likewise,
+#   KLORA_NEO_DIR / KLORA_NEO_VENV [/work/neo, /work/neo-venv], KLORA_CLASSIC_DIR / KLORA_CLASSIC_VENV likewise
 set -euo pipefail
 
 HOST=${1:-}
@@ -45,8 +46,27 @@ forge)
         --skip-python-version-check --always-cpu --all-in-fp32 --api --port "$PORT"
         --ckpt-dir "$(dirname "$CKPT")" --ckpt "$CKPT" --lora-dir "$LORA_DIR" --no-download-sd-model)
     ;;
+neo)
+    # Forge Neo has no --ckpt: it loads the first checkpoint it lists, so it gets a folder holding only KLORA_CKPT
+    DIR=${KLORA_NEO_DIR:-/work/neo}
+    PY=${KLORA_NEO_VENV:-/work/neo-venv}/bin/python
+    PORT=${KLORA_PORT:-7862}
+    CKPT_ONLY=/tmp/klora-neo-ckpt/$(basename "$CKPT" .safetensors)
+    mkdir -p "$CKPT_ONLY" && ln -sfn "$CKPT" "$CKPT_ONLY/$(basename "$CKPT")"
+    FLAGS=(--skip-prepare-environment --skip-install --skip-torch-cuda-test --skip-version-check
+        --skip-python-version-check --always-cpu --all-in-fp32 --api --port "$PORT"
+        --ckpt-dirs "$CKPT_ONLY" --lora-dir "$LORA_DIR")
+    ;;
+classic)
+    DIR=${KLORA_CLASSIC_DIR:-/work/classic}
+    PY=${KLORA_CLASSIC_VENV:-/work/classic-venv}/bin/python
+    PORT=${KLORA_PORT:-7863}
+    FLAGS=(--skip-prepare-environment --skip-install --skip-torch-cuda-test --skip-version-check
+        --skip-python-version-check --always-cpu --all-in-fp32 --api --port "$PORT"
+        --ckpt-dir "$(dirname "$CKPT")" --ckpt "$CKPT" --lora-dir "$LORA_DIR" --no-download-sd-model)
+    ;;
 *)
-    echo "usage: $0 a1111|forge [extra launch.py flags...]" >&2
+    echo "usage: $0 a1111|forge|neo|classic [extra launch.py flags...]" >&2
     exit 2
     ;;
 esac
@@ -75,9 +95,20 @@ else
     fi
 fi
 
-if [ -s "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
-    echo "a server is already running: pid $(cat "$PIDFILE") ($(cat /tmp/klora-server.url 2>/dev/null)); stop it first" >&2
-    exit 1
+# A server that has just released the lock may still exist for a moment (exiting, or a zombie nobody reaped yet,
+# which `kill -0` still finds): give it a minute to go before calling it a running server.
+alive() {
+    local state
+    state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+    case "$state" in Z* | X* | "") return 1 ;; esac
+}
+if [ -s "$PIDFILE" ]; then
+    old=$(cat "$PIDFILE")
+    for _ in $(seq 60); do alive "$old" || break; sleep 1; done
+    if alive "$old"; then
+        echo "a server is already running: pid $old ($(cat /tmp/klora-server.url 2>/dev/null)); stop it first" >&2
+        exit 1
+    fi
 fi
 
 # Live previews off (SDXL's "Approx NN" preview would try to download a model); only seeds a fresh config.
