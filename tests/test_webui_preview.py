@@ -159,3 +159,37 @@ def test_without_a_steps_slider_the_preview_still_wires(webui):
     assert isinstance(inputs[-1], gradio.State) and len(inputs) == len(INPUTS) + 1
     assert inputs[-1].events == []  # gradio 3.41's State has no change event
     assert fn(*[c.value for c in inputs]) == (None, "x") and shown == [None]
+
+
+def _build_tab(webui, version, monkeypatch):
+    import gradio
+
+    from klora_ext.webui import ui
+
+    monkeypatch.setattr(gradio, "__version__", version)
+    controls = ui.build(
+        webui.Script(),
+        False,
+        list_loras=lambda: ["subject_v1", "painterly"],
+        refresh_loras=list,
+        defaults=KLoraArgs(),
+        preview=lambda values, steps, progress: __import__("types").SimpleNamespace(image=None, text="x"),
+        steps=webui.txt2img_runner.steps,
+    )
+    return dict(zip([f.name for f in __import__("klora_ext.args", fromlist=["FIELDS"]).FIELDS], controls))
+
+
+def test_gradio3_redraws_once_more_after_each_call(webui, monkeypatch):
+    # gradio 3.41's page drops a control's change while its previous call runs (seen on a real A1111: typing a
+    # LoRA name left the preview on "LoRA 'k' not found"); a follow-up step re-reads every control when it ends.
+    controls = _build_tab(webui, "3.41.2", monkeypatch)
+    for name in INPUTS:
+        kinds = [(e[0], e[1], e[2], e[3]) for e in controls[name].events if e[0] in ("change", "then")]
+        assert [k[0] for k in kinds] == ["change", "then"], name
+        assert kinds[0][1:] == kinds[1][1:]  # the same handler, inputs and outputs: current values, same outputs
+
+
+def test_gradio4_queues_the_last_change_instead(webui, monkeypatch):
+    controls = _build_tab(webui, "4.40.0", monkeypatch)
+    for name in INPUTS:
+        assert [e[0] for e in controls[name].events if e[0] in ("change", "then")] == ["change"], name

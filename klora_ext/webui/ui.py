@@ -139,6 +139,7 @@ def build(
                 label="Plan preview: which LoRA each layer uses at each step",
                 type="pil",
                 interactive=False,
+                show_label=False,  # gradio floats the label over the picture's own title
                 elem_id=elem_id(tab, "preview"),
             )
             info = gr.Markdown(value=PICK_HINT, elem_id=elem_id(tab, "preview_info"))
@@ -206,12 +207,17 @@ def wire_preview(gr: Any, comps: dict[str, Any], outputs: tuple[Any, Any], previ
         result = preview(values, step_value, report)
         return result.image, result.text
 
-    options: dict[str, Any] = {"show_progress": "full"} if _gradio_major(gr) >= 4 else {}
-    if _gradio_major(gr) >= 4:
-        options["trigger_mode"] = "always_last"  # a dragged slider redraws for its last value only
+    gradio4 = _gradio_major(gr) >= 4
+    # gradio 4: a change arriving while the last one runs is queued, the latest wins ("always_last").
+    options: dict[str, Any] = {"show_progress": "full", "trigger_mode": "always_last"} if gradio4 else {}
     for component in triggers:
         try:
-            component.change(fn=on_change, inputs=inputs, outputs=list(outputs), **options)
+            event = component.change(fn=on_change, inputs=inputs, outputs=list(outputs), **options)
+            if not gradio4:
+                # gradio 3.41's page drops a change while the previous one of the same control is still running
+                # (typing a LoRA name, dragging a slider): the picture would stay on a stale value. A follow-up
+                # step reads the controls again when the call ends and redraws from the cached scores.
+                event.then(fn=on_change, inputs=inputs, outputs=list(outputs), show_progress=False)
         except Exception as exc:  # noqa: BLE001 - the preview is optional; the accordion must still build
             logger.warning("could not wire the plan preview (%s)", exc)
             return None

@@ -105,6 +105,7 @@ def type_into(driver, element, text: str, *, enter: bool = True) -> None:
 
 def pick(driver, elem_id: str, name: str) -> None:
     """Choose ``name`` in a gradio Dropdown: type it, then click the matching option (gradio 3 and 4)."""
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
     box = css(driver, f"#{elem_id} input")
@@ -123,7 +124,9 @@ def pick(driver, elem_id: str, name: str) -> None:
         return found
 
     options = wait_for(driver, matching, timeout=20)
-    click(driver, options[0])
+    # a real pointer click: gradio 3.41 selects an option on mousedown, which a scripted .click() never sends
+    ActionChains(driver).move_to_element(options[0]).click().perform()
+    wait_for(driver, lambda d: not css_all(d, f"#{elem_id} ul.options li"), timeout=20)  # the list closed
     wait_for(driver, lambda d: css(d, f"#{elem_id} input").get_attribute("value") == name, timeout=20)
 
 
@@ -181,6 +184,7 @@ def test_accordion_preview_generate_and_send_to_img2img(browser, shots: Path) ->
     info = css(driver, "#klora_txt2img_preview_info").text
     assert "γ" in info and "shared layers" in info, info
     css(driver, "#klora_txt2img_preview").screenshot(str(shots / "2-preview.png"))
+    css(driver, "#klora_txt2img_enabled").screenshot(str(shots / "2-accordion-with-preview.png"))
     driver.save_screenshot(str(shots / "2-page-with-preview.png"))
 
     # 3. move alpha: the preview is redrawn from the cached scores
