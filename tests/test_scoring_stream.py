@@ -303,24 +303,56 @@ def _pair() -> tuple[LoraFile, LoraFile]:
     )
 
 
-def test_worker_threads_give_the_same_numbers_and_ordered_progress(monkeypatch) -> None:
-    content, style = _pair()
+def _big_pair() -> tuple[LoraFile, LoraFile]:
+    """Layers big enough (> torch's 32768-element grain) that the block ops really run on several threads."""
+    shapes = {
+        "unet:big.a": ((640, 640), 8, 4),
+        "unet:big.b": ((1280, 320), 4, 16),
+        "unet:big.c": ((96, 64, 3, 3), 3, 2),
+    }
+    files = []
+    for name, seed in (("c", 1), ("s", 2)):
+        layers = {}
+        for i, (layer_id, (shape, rc, rs)) in enumerate(shapes.items()):
+            layer = make_layer(
+                "lora" if len(shape) == 2 else "locon", shape, rc if name == "c" else rs, seed=seed + 7 * i
+            )
+            layers[layer_id] = replace_id(layer, layer_id)
+        files.append(LoraFile(None, name, "", "sd15", layers))
+    return files[0], files[1]
+
+
+def replace_id(layer: LoraLayer, layer_id: str) -> LoraLayer:
+    return LoraLayer(layer_id, layer.kind, layer.rank, layer.shape, layer.scale, layer.source_keys, layer.factors)
+
+
+def test_scoring_never_changes_torch_threads_and_reports_progress_in_order(monkeypatch) -> None:
+    """torch's thread count is process-wide (a generation may run in another thread): scoring uses it as it is."""
     before = torch.get_num_threads()
-    calls = []
     try:
-        torch.set_num_threads(1)
-        serial = compute_scores(content, style)
-        torch.set_num_threads(3)
-        threaded = compute_scores(content, style, progress=lambda i, n, lid: calls.append((i, n, lid)))
-        assert torch.get_num_threads() == 3  # restored after the workers ran single-threaded
+        for pair in (_pair(), _big_pair()):
+            content, style = pair
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                calls = []
+                with monkeypatch.context() as m:
+                    m.setattr(torch, "set_num_threads", lambda n: pytest.fail(f"scoring set {n} threads"))
+                    m.setattr(torch, "set_num_interop_threads", lambda n: pytest.fail("scoring set interop threads"))
+                    got = compute_scores(content, style, progress=lambda i, n, lid, c=calls: c.append((i, n, lid)))
+                assert torch.get_num_threads() == threads
+                n = len(got.layers)
+                assert calls == [(i, n, s.id) for i, s in enumerate(got.layers)] + [(n, n, "")]
+                for s in got.layers:
+                    want_c, want_s = brute(content.layers[s.id], s.k), brute(style.layers[s.id], s.k)
+                    assert s.score_content == pytest.approx(want_c[0], rel=2e-6)
+                    assert s.sum_abs_content == pytest.approx(want_c[1], rel=2e-6)
+                    assert s.score_style == pytest.approx(want_s[0], rel=2e-6)
+                    assert s.sum_abs_style == pytest.approx(want_s[1], rel=2e-6)
     finally:
         torch.set_num_threads(before)
-    assert threaded.layers == serial.layers  # each layer is scored by one single-threaded worker: identical bits
-    n = len(serial.layers)
-    assert calls == [(i, n, s.id) for i, s in enumerate(serial.layers)] + [(n, n, "")]
 
 
-def test_a_worker_error_stops_the_run_with_the_layer_named() -> None:
+def test_an_error_stops_the_run_with_the_layer_named() -> None:
     content, style = _pair()
     layer_id = list(style.layers)[5]
     bad = style.layers[layer_id]
@@ -400,3 +432,40 @@ def test_scores_on_cuda_match_brute_force_when_available() -> None:
             got = stream_layer_score(layer, k, device="cuda", block_elems=256)
             assert got[0] == pytest.approx(want[0], rel=1e-5)
             assert got[1] == pytest.approx(want[1], rel=1e-5)
+
+
+@pytest.mark.parametrize(("kind_c", "kind_s"), [("lora", "lora"), ("loha", "lora"), ("lora", "lokr")])
+def test_plans_equal_plans_from_brute_force_scores(kind_c: str, kind_s: str) -> None:
+    """The plan (roles of every layer at every step) from streamed scores equals the plan from scores written out
+    from the numpy float64 dense deltas, for several schedules, scopes, gamma modes and K multipliers."""
+    from klora_ext.args import KLoraArgs
+    from klora_ext.plan import Plan
+    from klora_ext.scoring import LayerScore, PairScores
+
+    layers = synthetic.layer_shapes("tiny", "all")
+    sd_c = synthetic.make_lora_state_dict(layers, 4, kind=kind_c, alpha=2.0, seed=61, dtype=torch.float16)
+    sd_s = synthetic.make_lora_state_dict(layers, 8, kind=kind_s, alpha=4.0, seed=62, dtype=torch.float16)
+    content, style = parse_state_dict(sd_c, name="c"), parse_state_dict(sd_s, name="s")
+    switched = False
+    for k_mult in (1.0, 0.5, 3.0):
+        got = compute_scores(content, style, k_multiplier=k_mult)
+        rows = []
+        for s in got.layers:
+            lc, ls = content.layers[s.id], style.layers[s.id]
+            k = top_k(lc.rank, ls.rank, lc.numel, k_mult)
+            (tc, ac), (ts, as_) = brute(lc, k), brute(ls, k)
+            rows.append(LayerScore(s.id, tc, ts, ac, as_, lc.rank, ls.rank, k))
+        want = PairScores(layers=tuple(rows), k_multiplier=k_mult)
+        for args in (
+            KLoraArgs(),
+            KLoraArgs(scope="attention", gamma_mode="auto-sum"),
+            KLoraArgs(schedule="s*", alpha=1.0, beta=0.8),
+            KLoraArgs(gamma_mode="manual", gamma=2.0, k_multiplier=0.5),
+        ):
+            for steps in (1, 20, 50):
+                a, b = Plan.build(got, args, steps), Plan.build(want, args, steps)
+                assert a.layer_ids == b.layer_ids
+                assert np.array_equal(a.roles, b.roles), (k_mult, args, steps)
+                assert a.gamma == pytest.approx(b.gamma, rel=1e-6)
+                switched = switched or len(np.unique(a.roles)) > 1
+    assert switched  # some plans really mix content and style layers
