@@ -340,3 +340,30 @@ def test_scores_are_cached_per_host_mapping(flux: FluxWorld) -> None:
     mapping = adapter.host_files(p, first.content, first.style)[0]
     assert mapping.startswith("forge-host")
     assert any(f":m{mapping}" in k for k in run_module.score_cache()._entries)  # keyed by the host mapping
+
+
+@pytest.mark.parametrize("method", ["k-lora", "content-only"])
+def test_style_bias_diffs_are_applied_as_forge_applies_them(flux: FluxWorld, method: str) -> None:
+    """diff_b (bias deltas) are never switched: the content's come with Forge's merge of the content LoRA, the
+    style's are added to the patcher as they are (and left out for content-only)."""
+    module = synthetic._flux_module("flux:double_blocks.0.img_attn.proj", "kohya")
+    cb, sb = torch.randn(H), torch.randn(H)
+    flux.add("c", "kohya", seed=7, extra={f"{module}.diff_b": cb})
+    flux.add("s", "kohya", seed=8, extra={f"{module}.diff_b": sb})
+    bias_key = "diffusion_model.double_blocks.0.img_attn.proj.bias"
+    pristine = flux.kmodel.get_parameter(bias_key).detach().clone()
+    wc, ws = 0.6, 1.3
+    args = KLoraArgs(enabled=True, content="c", style="s", content_weight=wc, style_weight=ws, method=method)
+    want = pristine + wc * cb + (ws * sb if method == "k-lora" else 0)
+    seen: list[int] = []
+
+    def probe(adapter: ForgeAdapter, d: Any) -> None:
+        got = flux.kmodel.get_parameter(bias_key)
+        assert torch.allclose(got, want, atol=1e-6), (d.step, float((got - want).abs().max()))
+        seen.append(d.step)
+
+    run_pair(flux, args, 4, probe)
+    assert seen == list(range(4))
+    # the next plain generation's patcher (no LoRAs): Forge restores its backup, nothing of either LoRA is left
+    flux.host.sampling_prepare(flux.host.shared.sd_model.forge_objects.unet)
+    assert torch.equal(flux.kmodel.get_parameter(bias_key), pristine)

@@ -63,6 +63,7 @@ LEGACY_MESSAGE = (
 _HASH_SUFFIX = re.compile(r"^(.*?)\s*\([0-9a-fA-F]{6,}\)$")
 STALE_HASH = "k-lora: stale"  # a LoraLoader.loaded_hash no patch set equals: Forge re-merges from its backup
 _MAX_FILES = 4
+FIXED_SUFFIX = "#k-lora-fixed"  # the patch identifier of the style LoRA's never-switched patches
 
 
 def host_kind() -> str | None:
@@ -283,6 +284,9 @@ class HostLora:
     where: dict[str, _Where]
     notes: list[str]
     base_dependent: bool = False  # some delta was computed on the checkpoint's weights (DoRA, GLoRA)
+    # UNet patches Forge applies that K-LoRA never switches (bias diffs, set, norm scales, unknown patch types), by
+    # Forge's own patch key: added as they are for the style LoRA, whose other patches K-LoRA applies itself
+    fixed: dict = field(default_factory=dict)
 
 
 def _canonical_id(key: str, flux: bool) -> tuple[str, bool] | None:
@@ -511,6 +515,7 @@ def build_host_lora(path: str, name: str, sha256: str, unet_model: Any, clip_mod
     where: dict[str, _Where] = {}
     kinds_left: dict[str, int] = {}
     base_dependent = False
+    fixed: dict = {}
     for part_patches, model in ((unet_patches, unet_model), (clip_patches, clip_model)):
         if not part_patches:
             continue
@@ -538,6 +543,8 @@ def build_host_lora(path: str, name: str, sha256: str, unet_model: Any, clip_mod
             canon = _canonical_id(key, flux)
             if canon is None:
                 kinds_left["unnamed"] = kinds_left.get("unnamed", 0) + 1
+                if model is unet_model:
+                    fixed[k] = value
                 continue
             layer_id, is_bias = canon
             full_shape = _param_shape(param)
@@ -554,6 +561,8 @@ def build_host_lora(path: str, name: str, sha256: str, unet_model: Any, clip_mod
             if is_bias or kind == "set" or len(shape) < 2:
                 sid = layer_id + BIAS_SUFFIX if is_bias else layer_id
                 static[sid] = LoraLayer(sid, "bias" if is_bias else kind, 1, shape, 1.0, source, {})
+                if model is unet_model:
+                    fixed[k] = value
                 continue
             layer = None if function is not None else _plain_layer(layer_id, value, shape, source)
             if layer is not None and _factor_numel(layer) not in (None, math.prod(shape)):
@@ -562,6 +571,8 @@ def build_host_lora(path: str, name: str, sha256: str, unet_model: Any, clip_mod
             if layer is None:
                 if kind not in ("lora", "loha", "lokr", "glora", "diff"):
                     kinds_left[kind] = kinds_left.get(kind, 0) + 1
+                    if model is unet_model:
+                        fixed[k] = value
                     continue
                 lazy = _LazyHostDelta(value, function, key, model, offset)
                 try:
@@ -604,7 +615,9 @@ def build_host_lora(path: str, name: str, sha256: str, unet_model: Any, clip_mod
             + ", ".join(f"{n} {k}" for k, n in sorted(kinds_left.items()))
         )
     if static:
-        notes.append(f"'{name}': {len(static)} bias/set patches are applied as Forge applies them, never switched")
+        notes.append(
+            f"'{name}': {len(static)} bias/set/norm patches are applied as Forge applies them, never switched"
+        )
     if not layers and not static:
         msg = f"[K-LoRA] Forge patches nothing of '{name}' in the loaded model; is it made for this model?"
         raise KLoraError(msg)
@@ -619,7 +632,7 @@ def build_host_lora(path: str, name: str, sha256: str, unet_model: Any, clip_mod
         static_layers=static,
         warnings=list(notes),
     )
-    return HostLora(lora, where, notes, base_dependent)
+    return HostLora(lora, where, notes, base_dependent, fixed)
 
 
 def model_fingerprint(unet_model: Any, clip_model: Any) -> str:
@@ -681,6 +694,7 @@ class ForgeAdapter(HostAdapter):
         self._compute_dtype = torch.float32
         self._hosts: dict[str, _HostWeight] = {}  # param key -> how to recompute Forge's weight (mode A keys)
         self._host_last: tuple[str, torch.Tensor] | None = None
+        self._style_fixed: dict = {}  # the style LoRA's UNet patches Forge applies as they are (see HostLora.fixed)
 
     # ---- detection ----------------------------------------------------------------------------------------------
     @classmethod
@@ -810,12 +824,7 @@ class ForgeAdapter(HostAdapter):
             note = f"{len(missing)} planned layers are not patched by Forge in this model and are left out"
             logger.warning("%s (e.g. %s)", note, missing[0])
             run.notes.append(note)
-        if style.lora.static_layers:
-            note = (
-                f"the style LoRA's {len(style.lora.static_layers)} bias/set patches are not applied (K-LoRA "
-                "switches only its weight layers)"
-            )
-            run.notes.append(note)
+        self._style_fixed = style.fixed
         self._model = unet_model
         self._targets = targets
 
@@ -919,6 +928,14 @@ class ForgeAdapter(HostAdapter):
                 ident = (run.content.path, weight, 1.0, online)
         self._content_ident = ident
         self._host_strength = weight if ident is not None else 0.0
+        if self._style_fixed and run.args.style_weight != 0 and run.args.method != "content-only":
+            # what K-LoRA does not switch of the style LoRA (bias diffs, ...) is applied as Forge applies it
+            clone.add_patches(
+                filename=run.style.path + FIXED_SUFFIX,
+                patches=self._style_fixed,
+                strength_patch=run.args.style_weight,
+                online_mode=_online_mode(p),
+            )
         hosted = clone.lora_patches.get(ident, {}) if ident is not None else {}
         for t in self._targets.values():
             # a fused (kohya) content patch covers every slice of its weight; a split one only its own rows
