@@ -11,6 +11,9 @@ integration-test LoRAs).
 Fake-host mode: the real Script and A1111 adapter on the fake builtin Lora (tests/fakes/a1111) with real-size SD1.5
 attention layers on the CPU: time in the denoiser callback per step (K-LoRA's bookkeeping), time to re-merge the
 layers that flip at a step, and a full re-merge of every patched layer (what a global invalidation costs per step).
+``--scoring``: the fake host again, scoring cost of the host's own layer set (issue 7: ``Network.modules`` of the
+builtin's loader, plain LoRA from the host modules' factors, LoHa through the module's calc_updown) next to the
+host-free reader (what the CLI does), for a LoRA+LoRA and a LoHa+LoRA pair on real-size SD1.5 attention layers.
 Figures are printed, never asserted.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -151,6 +155,48 @@ def bench_fake(args: argparse.Namespace) -> None:
     print(f"  flip handling / full re-merge per step  : {per_step_merge / full:9.4f}")
 
 
+def bench_scoring(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT / "tests" / "fakes" / "a1111"))
+    os.environ.setdefault("KLORA_CACHE_PATH", os.path.join(tempfile.mkdtemp(), "scores.json"))
+    import fakehost
+    import networks
+    import torch
+
+    from klora_ext import synthetic
+    from klora_ext.lora_file import read_lora
+    from klora_ext.scoring import compute_scores
+    from klora_ext.webui.a1111 import A1111Adapter
+
+    layers = synthetic.layer_shapes("sd15", "attention")
+    host = fakehost.FakeHost(tempfile.mkdtemp(), model_layers=layers)
+    files = {}
+    for stem, kind, seed, rank in (("b_lora", "lora", 1, 8), ("b_loha", "loha", 2, 8), ("b_style", "lora", 3, 16)):
+        sd = synthetic.make_lora_state_dict(layers, rank, kind=kind, alpha=float(rank), seed=seed, arch="sdxl")
+        files[stem] = synthetic.save_lora(host.lora_dir / f"{stem}.safetensors", sd)
+    networks.list_available_networks()
+    adapter = A1111Adapter()
+    params = sum(math.prod(shape) for _, shape in layers)
+    print(
+        f"scoring (fake host, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads): SD1.5 attention "
+        f"layers, {len(layers)} layers, {params / 1e6:.1f} M params per file; best of {args.repeat}"
+    )
+    for content in ("b_lora", "b_loha"):
+        reader, hosted = [], []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            compute_scores(read_lora(files[content]), read_lora(files["b_style"]))
+            reader.append(time.perf_counter() - start)
+            adapter.drop_caches()  # the builtin's load_network each time too
+            start = time.perf_counter()
+            pair = adapter.host_layers(None, adapter.resolve(content), adapter.resolve("b_style"))
+            compute_scores(*pair.load())
+            hosted.append(time.perf_counter() - start)
+        print(
+            f"  {content[2:]:>4}+lora  reader (CLI) {min(reader):7.2f} s   host layers {min(hosted):7.2f} s   "
+            f"host/reader {min(hosted) / min(reader):5.2f}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default=os.environ.get("KLORA_WEBUI_URL", ""))
@@ -160,8 +206,11 @@ def main() -> None:
     ap.add_argument("--content", default=os.environ.get("KLORA_CONTENT", "klora_it_content"))
     ap.add_argument("--style", default=os.environ.get("KLORA_STYLE", "klora_it_style"))
     ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--scoring", action="store_true", help="host layer set vs reader scoring cost (fake host)")
     args = ap.parse_args()
-    if args.url:
+    if args.scoring:
+        bench_scoring(args)
+    elif args.url:
         bench_server(args.url.rstrip("/"), args)
     else:
         bench_fake(args)

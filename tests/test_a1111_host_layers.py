@@ -162,8 +162,10 @@ def test_host_scores_and_plan_equal_the_cli_reader(host, kind):
             assert getattr(h, field) == pytest.approx(getattr(r, field), rel=1e-5), (h.id, field)
     hp, rp = _plan(host_scores), _plan(reader_scores)
     assert [(x["id"], x["flip_step"]) for x in hp["layers"]] == [(x["id"], x["flip_step"]) for x in rp["layers"]]
-    if kind != "lora":
-        assert {layer.kind for layer in hc.layers.values()} == {"full"}  # the builtin's calc_updown made them
+    # scored from the host module's own tensors, as products (no dense delta made through calc_updown)
+    want = {"lora", "locon"} if kind == "lora" else {kind}
+    assert {layer.kind for layer in hc.layers.values()} <= want
+    assert all(type(layer.factors) is dict for layer in hc.layers.values())
 
 
 def test_dora_is_scored_as_the_builtin_applies_it_on_the_original_weight(host):

@@ -14,11 +14,13 @@ same ids for the same keys:
 
 Deltas, per unit strength (the module's ``calc_scale()``; a unit multiplier):
 
-* plain LoRA / LoCon / CP (``NetworkModuleLora`` without DoRA): the host module's own up/down(/mid) tensors as
-  factors, so scoring streams them as products (no dense delta);
-* every other type the builtin applies (LoHa, LoKr, full/diff, DoRA on any of them): a dense delta from the module's
-  own ``calc_updown`` on the original weight (the builtin's CPU backup when the layer was merged before), computed
-  when the layer is scored; a RuntimeError there (the builtin skips such a module too) leaves the layer out;
+* plain LoRA / LoCon / CP, LoHa, LoKr and full/diff modules: the host module's own tensors (up/down(/mid) of its
+  torch modules, the LyCORIS factors it keeps) and its ``calc_scale()``, so scoring streams them as products (no
+  dense delta; the same numbers as the module's calc_updown, in fp32);
+* DoRA (on any of them) and any other type the builtin applies: a dense delta from the module's own
+  ``calc_updown`` on the original weight (the builtin's CPU backup when the layer was merged before), computed when
+  the layer is scored;
+* a module whose calc_updown fails (checked on meta tensors; the builtin skips such a module too) is left out;
 * (IA)3, GLoRA, norm, OFT: applied by the builtin as they are, never switched (static layers, as in the CLI).
 
 Ranks follow the reader's rules (LoRA down rank, LoHa w1_b, LoKr w2_b/w1_b, full: numerical rank) so K, and the
@@ -202,64 +204,111 @@ class _HostDelta(Mapping):
         return 1
 
 
-def _factor_layer(target: HostTarget, shape: tuple[int, ...], sources: tuple[str, ...]) -> LoraLayer | None:
-    """A plain LoRA/LoCon/CP module as factors (None: not that form, or the product does not fit the target)."""
-    module = target.module
+def _lora_factors(module: Any, shape: tuple[int, ...]) -> tuple[str, dict[str, torch.Tensor], int] | None:
+    """A plain LoRA/LoCon/CP module: (kind, up/down(/mid) of its own torch modules, rank); None: not that form or
+    the product does not fit the target."""
     up_model, down_model = getattr(module, "up_model", None), getattr(module, "down_model", None)
-    if up_model is None or down_model is None or getattr(module, "dora_scale", None) is not None:
+    if up_model is None or down_model is None:
         return None
     up, down = up_model.weight.detach(), down_model.weight.detach()
     factors = {"up": up, "down": down}
+    inner, numel = down.shape[0], up.shape[0] * math.prod(down.shape[1:])
     mid_model = getattr(module, "mid_model", None)
     if mid_model is not None:
         mid = mid_model.weight.detach()
         factors["mid"] = mid
-        numel = up.shape[0] * down.shape[1] * math.prod(mid.shape[2:])
-    else:
-        numel = up.shape[0] * math.prod(down.shape[1:])
-    if up.shape[1] != (mid.shape[0] if mid_model is not None else down.shape[0]) or numel != math.prod(shape):
+        inner, numel = mid.shape[0], up.shape[0] * down.shape[1] * math.prod(mid.shape[2:])
+    if up.shape[1] != inner or up.shape[0] != shape[0] or numel != math.prod(shape):
         return None
-    kind = "locon" if len(shape) == 4 else "lora"
-    return LoraLayer(target.layer_id, kind, int(down.shape[0]), shape, float(module.calc_scale()), sources, factors)
+    return ("locon" if len(shape) == 4 else "lora"), factors, int(down.shape[0])
+
+
+def _lycoris_factors(module: Any, shape: tuple[int, ...]) -> tuple[str, dict[str, torch.Tensor], int] | None:
+    """LoHa / LoKr / full modules: (kind, the tensors the module keeps, under the reader's part names, rank);
+    None: another type or a layout whose rows are not the target's."""
+    cls = type(module).__name__
+    got = {}
+    if cls == "NetworkModuleHada":
+        names = {"w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b"}
+        names.update(t1="hada_t1", t2="hada_t2")
+        kind, rows = "loha", None
+    elif cls == "NetworkModuleLokr":
+        names = {"w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b", "w2": "lokr_w2", "w2a": "lokr_w2_a"}
+        names.update(w2b="lokr_w2_b", t2="lokr_t2")
+        kind, rows = "lokr", None
+    elif cls == "NetworkModuleFull":
+        names, kind = {"weight": "diff"}, "full"
+    else:
+        return None
+    for attr, part in names.items():
+        value = getattr(module, attr, None)
+        if isinstance(value, torch.Tensor):
+            got[part] = value.detach()
+    if kind == "loha":
+        a = got.get("hada_w1_a")
+        rows = None if a is None else (a.shape[1] if "hada_t1" in got else a.shape[0])
+        rank = int(getattr(module, "dim", 0) or 0)
+    elif kind == "lokr":
+        w1 = got.get("lokr_w1", got.get("lokr_w1_a"))
+        w2 = got.get("lokr_w2", got.get("lokr_w2_a"))
+        rows = None if w1 is None or w2 is None else w1.shape[0] * w2.shape[0]
+        rank = int(getattr(module, "dim", 0) or 0) or min(shape[0], math.prod(shape[1:]))
+    else:
+        diff = got.get("diff")
+        rows = None if diff is None else diff.shape[0]
+        rank = numerical_rank(diff) if diff is not None else 0
+    if rows != shape[0] or rank <= 0:
+        return None
+    return kind, got, rank
 
 
 def _dense_rank(module: Any, shape: tuple[int, ...]) -> int:
-    """The reader's rank for the same layer: LoHa w1_b rank, LoKr w2_b/w1_b rank, full: numerical rank."""
-    diff = getattr(module, "weight", None)
-    if type(module).__name__ == "NetworkModuleFull" and isinstance(diff, torch.Tensor):
-        return numerical_rank(diff)
+    """The reader's rank for a layer scored from its dense delta (DoRA: the rank of its factors)."""
     dim = getattr(module, "dim", None)
     if dim:
         return int(dim)
     down_model = getattr(module, "down_model", None)
     if down_model is not None:
         return int(down_model.weight.shape[0])
+    diff = getattr(module, "weight", None)
+    if isinstance(diff, torch.Tensor):
+        return numerical_rank(diff)
     return max(1, min(shape[0], math.prod(shape[1:])))
 
 
 def _host_layer(target: HostTarget, sources: tuple[str, ...]) -> tuple[LoraLayer | None, str]:
     """(layer, "") or (None, why it is left out)."""
+    module = target.module
     base = original_weight(target)
     shape = tuple(int(s) for s in base.shape)
-    layer = _factor_layer(target, shape, sources)
-    if layer is not None:
-        return layer, ""
-    if hasattr(target.module, "up_model") and getattr(target.module, "dora_scale", None) is None:
-        return None, "its factors do not fit the layer"
+    # The forms that are products of factors are scored from the module's own tensors and calc_scale() (no dense
+    # delta). DoRA, a LoRA "bias" offset, and any other type: the module's own calc_updown, lazily (see _HostDelta).
+    plain = getattr(module, "dora_scale", None) is None and getattr(module, "bias", None) is None
+    if plain:
+        found = _lora_factors(module, shape)
+        if found is not None:
+            kind, factors, rank = found
+            return LoraLayer(target.layer_id, kind, rank, shape, float(module.calc_scale()), sources, factors), ""
+        if hasattr(module, "up_model"):
+            return None, "its factors do not fit the layer"
     delta = _HostDelta(target)
     try:
         # the builtin skips a module whose calc_updown fails (shape mismatch): so do we. On meta tensors this costs
         # no arithmetic; an op without a meta kernel falls back to one real computation.
         try:
             with torch.no_grad():
-                probe, _ = _unit(target.module).calc_updown(base.to("meta"))
+                probe, _ = _unit(module).calc_updown(base.to("meta"))
         except NotImplementedError:
             probe = delta["diff"]
     except RuntimeError as exc:
         return None, f"the builtin's calc_updown fails ({exc})"
     if probe.numel() != math.prod(shape):
         return None, f"its delta has shape {tuple(probe.shape)}, the layer {shape}"
-    rank = _dense_rank(target.module, shape)
+    found = _lycoris_factors(module, shape) if plain else None
+    if found is not None:
+        kind, factors, rank = found
+        return LoraLayer(target.layer_id, kind, rank, shape, float(module.calc_scale()), sources, factors), ""
+    rank = _dense_rank(module, shape)
     return LoraLayer(target.layer_id, "full", rank, shape, 1.0, sources, delta), ""  # type: ignore[arg-type]
 
 
