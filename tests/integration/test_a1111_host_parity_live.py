@@ -10,7 +10,9 @@ tolerance; and the plan's layers are exactly the UNet modules the host's own loa
 probe extension, ``/klora-probe/v1/host-layers``). Environment: ``KLORA_WEBUI_URL`` (required), ``KLORA_LORA_DIR``
 (the server's LoRA folder on this machine, required: the CLI reads the files there; LoHa and LoKr files of the
 SD1.5 transformer layers are written into it when missing), ``KLORA_CONTENT``/``KLORA_STYLE`` (default the
-make_random_loras.py pair), ``KLORA_WEBUI_TIMEOUT``.
+make_random_loras.py pair), ``KLORA_PARITY_PAIRS`` (see below), ``KLORA_WEBUI_TIMEOUT``. SDXL, e.g.:
+``KLORA_LORA_DIR=/work/webui/models/Lora-sdxl KLORA_CONTENT=klora_xl_content KLORA_STYLE=klora_xl_style
+KLORA_PARITY_PAIRS=klora_xl_content:klora_xl_style,klora_xl_content:klora_xl_style_diffusers``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ SERVER = LiveServer(URL, TIMEOUT, base_payload(STEPS, 64))
 OPTIONS = {"alpha": 1.5, "beta": 0.5, "schedule": "linear", "clock": "step", "scope": "all", "k_multiplier": 1.0}
 CLI_OPTIONS = ["--alpha", "1.5", "--beta", "0.5", "--schedule", "linear", "--clock", "step", "--scope", "all"]
 LYCORIS = (("klora_it_parity_loha", "loha", 3, 4), ("klora_it_parity_lokr", "lokr", 4, 4))  # stem, kind, seed, rank
+# KLORA_PARITY_PAIRS="content:style,content:style" (names on the server) replaces the default pairs (e.g. SDXL files);
+# the LyCORIS files (SD1.5 shapes) are then neither written nor used.
+PAIRS_ENV = os.environ.get("KLORA_PARITY_PAIRS", "")
+PAIRS = (
+    [tuple(pair.split(":", 1)) for pair in PAIRS_ENV.split(",") if pair]
+    if PAIRS_ENV
+    else [(CONTENT, STYLE), (LYCORIS[0][0], STYLE), (LYCORIS[1][0], STYLE), (LYCORIS[0][0], LYCORIS[1][0])]
+)
 
 
 def _write_lycoris_files() -> None:
@@ -61,7 +71,8 @@ def _write_lycoris_files() -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _files():
-    _write_lycoris_files()
+    if not PAIRS_ENV:
+        _write_lycoris_files()
     names = {x["name"] for x in SERVER.request("/sdapi/v1/loras")}
     if not {CONTENT, STYLE} <= names:
         SERVER.request("/sdapi/v1/refresh-loras", {})
@@ -90,20 +101,15 @@ def _host_unet_modules(name: str) -> set[str]:
     return set(SERVER.request(f"/klora-probe/v1/host-layers?name={name}")["unet"])
 
 
-@pytest.mark.parametrize(
-    ("content", "style"),
-    [(CONTENT, STYLE), (LYCORIS[0][0], STYLE), (LYCORIS[1][0], STYLE), (LYCORIS[0][0], LYCORIS[1][0])],
-    ids=["lora+lora", "loha+lora", "lokr+lora", "loha+lokr"],
-)
+@pytest.mark.parametrize(("content", "style"), PAIRS, ids=[f"{c}+{s}" for c, s in PAIRS])
 def test_cli_plan_equals_the_servers_plan(content, style, tmp_path):
     cli = _cli_plan(content, style, tmp_path)
     server = _server_plan(content, style)
     cli_ids = [x["id"] for x in cli["layers"]]
     assert [x["id"] for x in server["layers"]] == cli_ids
     assert [x["flip_step"] for x in server["layers"]] == [x["flip_step"] for x in cli["layers"]]
-    # LoRA: the builtin keeps the factors in its compute dtype (fp32 with --no-half), the CLI computes in fp32 too;
-    # LyCORIS: the builtin's calc_updown multiplies the file's fp16 factors in fp16 (its own delta), the CLI in fp32
-    rel = 1e-4 if "parity" not in content + style else 5e-3
+    # both sides multiply the same factors in fp32 (the host's own module tensors / the file's), streamed
+    rel = 1e-4
     for a, b in zip(server["layers"], cli["layers"]):
         for key in ("score_content", "score_style"):
             assert a[key] == pytest.approx(b[key], rel=rel), (a["id"], key)
