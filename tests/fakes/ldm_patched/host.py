@@ -8,7 +8,8 @@ ComfyUI-style ``model_patcher.py`` and ``model_management.load_models_gpu``):
   ``(strength_patch, value, strength_model, offset, function)``. ``add_patches`` keeps keys the model has;
   ``clone`` copies each list. reForge: ``patches_uuid`` renewed by ``add_patches`` and copied by ``clone``;
   ``backup`` shared by clones and holding ``(weight, inplace_update)`` tuples; Classic: a backup per patcher holding
-  the tensor itself (``weight.to(offload_device)``: the same object on CPU).
+  ``model_state_dict()[key].to(offload_device)``: on CPU a detached alias of the Parameter's storage, not the
+  Parameter object (checked on the real Classic ``ModelPatcher``).
 * ``patch_model``: for each patched key, back the weight up if not yet, ``calculate_weight(patches[key],
   weight.float().clone())`` cast back and installed as a NEW Parameter (``set_attr``; weight_inplace_update False).
   Classic: ``calculate_weight`` is a patcher method; reForge: ``ldm_patched.modules.lora.calculate_weight`` and
@@ -150,6 +151,8 @@ class ModelPatcher:
     @torch.no_grad()
     def patch_weight(self, key: str) -> None:
         weight = self.model.get_parameter(key)
+        if self.flavour != "reforge":
+            weight = self.model.state_dict()[key]  # Classic: model_state_dict(), a detached alias of the Parameter
         if key not in self.backup:
             backup = weight.to(device=self.offload_device, copy=self.weight_inplace_update)
             self.backup[key] = Backup(backup, False) if self.flavour == "reforge" else backup
