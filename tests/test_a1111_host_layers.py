@@ -309,3 +309,19 @@ def test_reference_numbers_come_from_the_files_as_stored(host):
     want = reference_scores(read_lora(host.lora_dir / "c.safetensors"), read_lora(host.lora_dir / "s.safetensors"))
     assert got.layer_ids == want.layer_ids and got.dtype_content == want.dtype_content == ("float16",) * len(got.k)
     assert got.top_content == want.top_content and got.top_style == want.top_style
+
+
+def test_a_file_the_builtin_applies_nothing_of_is_refused_with_a_clear_message(host):
+    """A PEFT-style file: the reader (CLI) reads it, but A1111's loader matches none of its keys (it splits a key at
+    the first dot), so K-LoRA must not apply it either, and says why."""
+    from klora_ext import synthetic
+    from klora_ext.lora_file import read_lora
+
+    specs = _specs(("unet:",))
+    peft = synthetic.make_lora_state_dict(specs, 2, style="peft", seed=1)
+    _save(host, "c", peft)
+    _save(host, "s", _sd(specs, seed=2))
+    assert read_lora(host.lora_dir / "c.safetensors").layers  # the host-free reader does read it
+    _, res = host.generate(ARGS, prompt="x", steps=3)
+    assert res.images == []
+    assert "A1111's Lora loader matches none of its keys" in res.comments

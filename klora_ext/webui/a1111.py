@@ -216,8 +216,10 @@ class A1111Adapter(HostAdapter):
         self._net_cache.move_to_end(key)
         if not net.modules:
             msg = (
-                f"[K-LoRA] LoRA '{ref.name}' has no layer that matches the loaded checkpoint: "
-                "is it a LoRA for another base model (SD1.5 vs SDXL)?"
+                f"[K-LoRA] LoRA '{ref.name}': A1111's Lora loader matches none of its keys to a layer of the loaded "
+                "checkpoint, so A1111 would not apply it either: is it a LoRA for another base model (SD1.5 vs "
+                "SDXL), or in a key format A1111 does not read (e.g. diffusers/PEFT 'unet.' or "
+                "'base_model.model.' names)?"
             )
             raise KLoraError(msg)
         return net
