@@ -328,6 +328,13 @@ def _prefix(key: str) -> str:
 def host_lora(net: Any, *, name: str, path: str, sha256: str, model: Any, mapping: Mapping[str, Any]) -> LoraFile:
     """The file as the builtin patches it: layers to score/switch, static layers, and notes on what is left out."""
     targets, left_out_names = host_targets(net, model, mapping)
+    # Several modules on one target (e.g. SD3's fused QkvLinear, whose q/k/v the builtin merges as row chunks): the
+    # builtin applies them, but they are not one layer K-LoRA can switch; kept static, not scored.
+    count: dict[str, int] = {}
+    for t in targets:
+        count[t.layer_id] = count.get(t.layer_id, 0) + 1
+    shared_target = [t.name for t in targets if count[t.layer_id] > 1]
+    targets = [t for t in targets if count[t.layer_id] == 1]
     layers: dict[str, LoraLayer] = {}
     static: dict[str, LoraLayer] = {}
     failed: list[str] = []
@@ -356,7 +363,12 @@ def host_lora(net: Any, *, name: str, path: str, sha256: str, model: Any, mappin
     if left_out_names:
         notes.append(
             f"A1111 does not merge {len(left_out_names)} modules of '{name}' (e.g. {left_out_names[0]}; a text "
-            "encoder attention needs q, k, v and out together): not scored"
+            "encoder attention is merged only with q, k, v and out together): not scored"
+        )
+    if shared_target:
+        notes.append(
+            f"'{name}': {len(shared_target)} modules share one fused target (e.g. {shared_target[0]}): applied by "
+            "A1111 as they are, never switched"
         )
     if failed:
         notes.append(f"A1111 skips {len(failed)} modules of '{name}' (e.g. {failed[0]}): not scored")
