@@ -20,10 +20,6 @@ from klora_ext.scoring import PairScores
 Change = tuple[str, int]
 
 
-def _is_text_encoder(layer_id: str) -> bool:
-    return layer_id.startswith(("te1:", "te2:"))
-
-
 def static_role(layer_id: str, in_content: bool, in_style: bool, args: KLoraArgs) -> int:
     """Role of a layer the plan does not switch (patched by one LoRA only, a text-encoder layer, or out of scope)."""
     own = BOTH if in_content and in_style else CONTENT if in_content else STYLE
@@ -33,7 +29,7 @@ def static_role(layer_id: str, in_content: bool, in_style: bool, args: KLoraArgs
         return STYLE if in_style else NONE
     if args.method == "merge":
         return own
-    if _is_text_encoder(layer_id):
+    if keys.is_text_encoder(layer_id):  # CLIP and T5 alike
         policy = args.te_policy
         if policy == "both":
             return own

@@ -125,6 +125,9 @@ def test_applied_roles_always_equal_the_plan_row(sc, steps, schedule, method, ca
         (TE, True, True, {"te_policy": "content"}, CONTENT),
         (TE, False, True, {"te_policy": "content"}, NONE),
         (TE, True, True, {"te_policy": "none"}, NONE),
+        # T5 (Flux) is a text encoder like CLIP: the policy applies, it is never "shared but out of scope"
+        ("t5:encoder.block.0.layer.0.SelfAttention.q", True, True, {}, BOTH),
+        ("t5:encoder.block.0.layer.0.SelfAttention.q", True, True, {"te_policy": "style"}, STYLE),
         (TE, True, True, {"method": "content-only"}, CONTENT),
         (Q, False, True, {"method": "content-only"}, NONE),
         (FF, True, True, {"method": "merge", "scope": "attention"}, BOTH),
