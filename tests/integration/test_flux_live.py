@@ -34,8 +34,15 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not URL, reason="set KLORA_FLUX_URL to run")]
 
-# Flux-dev takes no real CFG (distilled guidance instead): cfg 1 keeps one model call per step
-BASE = {**base_payload(STEPS, SIZE), "cfg_scale": 1, "override_settings": {"live_previews_enable": False}}
+# Flux-dev takes no real CFG (distilled guidance instead): cfg 1 keeps one model call per step. Scheduler "Simple"
+# (what Forge's Flux UI preset picks): with "Automatic", Forge's Euler sampled this Flux at sigma 9999, then 0 (the
+# predictor's timestep range, not its sigmas) and every image came back NaN, i.e. black.
+BASE = {
+    **base_payload(STEPS, SIZE),
+    "cfg_scale": 1,
+    "scheduler": "Simple",
+    "override_settings": {"live_previews_enable": False},
+}
 SERVER = LiveServer(URL, TIMEOUT, BASE)
 MIXED = {"enabled": True, "content": CONTENT, "style": STYLE_DIFFUSERS}
 SAME = {"enabled": True, "content": CONTENT, "style": STYLE}
@@ -89,7 +96,10 @@ def generate(**extra) -> tuple[np.ndarray, dict]:
     result = SERVER.txt2img(**extra)
     params = result["parsed_info"].get("extra_generation_params", {})
     assert len(result["images"]) == 1, params
-    return pixels(result["images"][0]), params
+    image = pixels(result["images"][0])
+    # a constant image (e.g. NaN latents, cast to 0) would make every pixel comparison below pass vacuously
+    assert image.std() > 1.0, f"the server returned a flat image (min {image.min()}, max {image.max()})"
+    return image, params
 
 
 @pytest.fixture(scope="module", autouse=True)
