@@ -123,5 +123,78 @@ def test_forge_patches_every_flux_style_onto_the_same_layers() -> None:
     assert len(pairs) == 3 and all(r["shared"] == len(styles[0]["want"]) for r in pairs)
 
 
+SD15_UNET = {  # huggingface_guess's config of an SD1.5 checkpoint (what Forge builds its UNet from)
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "num_heads": 8,
+    "num_head_channels": -1,
+}
+
+
+def _check_sd15() -> None:
+    """Forge's SD1.5 UNet class on the meta device (names and shapes only): which SD1.5 key styles Forge applies."""
+    import tempfile
+    import types
+
+    sys.path[:0] = [str(FORGE), str(FORGE / "packages_3rdparty"), str(ROOT)]
+    os.chdir(FORGE)
+    sys.argv = [sys.argv[0], "--always-cpu"]
+    import torch
+    from backend.nn.unet import IntegratedUNet2DConditionModel  # type: ignore[import-not-found]
+    from safetensors.torch import load_file
+
+    networks = types.ModuleType("networks")
+    networks.load_lora_state_dict = load_file
+    sys.modules["networks"] = networks
+    from klora_ext import synthetic
+    from klora_ext.errors import KLoraError
+    from klora_ext.lora_file import read_lora
+    from klora_ext.webui.forge import build_host_lora
+
+    with torch.device("meta"):
+        unet = IntegratedUNet2DConditionModel.from_config(SD15_UNET)  # how Forge builds it
+    model = torch.nn.Module()
+    model.diffusion_model = unet
+    model.config = types.SimpleNamespace(huggingface_repo="runwayml/stable-diffusion-v1-5")
+    layers = synthetic.layer_shapes("sd15", "all")
+    tmp = tempfile.mkdtemp()
+    for style in ("kohya", "diffusers", "peft"):
+        sd = synthetic.make_lora_state_dict(layers, 2, style=style, seed=1, alpha=2.0, arch="sd15")
+        path = synthetic.save_lora(f"{tmp}/{style}.safetensors", sd)
+        row: dict = {"style": style, "cli": sorted(read_lora(str(path)).layers)}
+        try:
+            row["ids"] = sorted(build_host_lora(str(path), style, "", model, None).lora.layers)
+        except KLoraError as exc:
+            row["refused"] = str(exc)
+        print(json.dumps(row))
+
+
+def test_forge_sd15_key_styles() -> None:
+    """kohya (compvis or diffusers module names) -> exactly the reader's layers; the diffusers/PEFT key style this
+    project writes (``unet.<diffusers path>.to_q.lora_A``, no ``processor``) matches nothing in Forge's key map, so
+    Forge applies none of it and K-LoRA refuses it with that reason."""
+    done = subprocess.run(
+        [str(PYTHON), __file__, "sd15"], capture_output=True, text=True, timeout=600, cwd=FORGE, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["style"]: r for r in (json.loads(x) for x in done.stdout.splitlines() if x.startswith("{"))}
+    assert rows["kohya"]["ids"] == rows["kohya"]["cli"] and len(rows["kohya"]["ids"]) > 200
+    for style in ("diffusers", "peft"):
+        assert "Forge does not load" in rows[style].get("refused", ""), rows[style]
+
+
 if __name__ == "__main__":
-    _check()
+    _check_sd15() if sys.argv[1:] == ["sd15"] else _check()
