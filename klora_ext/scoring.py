@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from klora_ext import keys
@@ -125,6 +126,7 @@ BLOCK_ELEMS_CPU = 1 << 21
 BLOCK_ELEMS_CUDA = 1 << 24  # few launches per layer; 64 MiB per block
 TILE_ROWS = 16
 _GPU_MIN_FREE = 512 * 2**20  # free memory needed to score on the GPU: a few blocks plus one layer's factors
+_HOST_NUMPY = True  # CPU fp32 blocks: block passes in numpy (_host_block); False: the torch path CUDA uses
 _MERGE_SLACK = 1 << 12  # pending candidates beyond k before they are merged down to k
 
 
@@ -147,10 +149,18 @@ def _half_factors(wa: torch.Tensor, wb: torch.Tensor, t: torch.Tensor | None) ->
     return _mat(wa).t(), torch.einsum("ijkl,jn->inkl", t, _mat(wb)).reshape(t.shape[0], -1)
 
 
+def _convert(t: torch.Tensor, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    on_host = t.device.type == "cpu" and torch.device(device).type == "cpu"
+    if _HOST_NUMPY and on_host and dtype == torch.float32 and t.dtype in (torch.float16, torch.float32, torch.float64):
+        # numpy converts on this thread; torch's .to would use its thread pool (see _host_block)
+        return torch.from_numpy(t.detach().numpy().astype(np.float32))
+    return t.to(device=device, dtype=dtype)
+
+
 def _row_source(layer: LoraLayer, device: str | torch.device, dtype: torch.dtype):
     """(rows, cols, fill) where fill(start, stop, out) writes rows [start, stop) of the unscaled delta, flattened to
     (out, in*kh*kw), into ``out``. Factor-sized intermediates only (never delta-sized)."""
-    f = {name: t.to(device=device, dtype=dtype) for name, t in layer.factors.items()}
+    f = {name: _convert(t, device, dtype) for name, t in layer.factors.items()}
     rows, cols = layer.shape[0], math.prod(layer.shape[1:])
     if layer.kind in ("lora", "locon"):
         up, down = _mat(f["up"]), _mat(f["down"])
@@ -224,6 +234,19 @@ def _first_threshold(tile_max: torch.Tensor, k: int) -> float:
     return float(torch.topk(tile_max, k, sorted=False).values.min())
 
 
+def _first_threshold_np(tile_max: np.ndarray, k: int) -> float:
+    """_first_threshold on a numpy array (the CPU path)."""
+    n = tile_max.size
+    stride = n // (4 * k) | 1
+    if stride > 1:
+        sample = tile_max[::stride]
+        j = min(sample.size, -(-3 * k // (2 * stride)))
+        t = float(np.partition(sample, sample.size - j)[sample.size - j])
+        if np.count_nonzero(tile_max >= t) >= k:
+            return t
+    return float(np.partition(tile_max, n - k)[n - k])
+
+
 class _Selector:
     """Exact sum of the k largest of a stream of non-negative blocks, keeping only candidates above a threshold.
 
@@ -283,6 +306,52 @@ class _Selector:
         return out
 
 
+class _HostSelector(_Selector):
+    """_Selector on numpy arrays (the CPU path): the same invariant and exact result, no torch op at all."""
+
+    def add(self, block: np.ndarray, tile_max: np.ndarray, tiles: np.ndarray) -> None:  # type: ignore[override]
+        first = self.t is None
+        if first:
+            if tile_max.size < self.k:
+                self._push(block.reshape(-1).copy())
+                return
+            self.t = _first_threshold_np(tile_max.reshape(-1), self.k)
+        if not tile_max.max() > self.t:
+            return
+        s, c = np.nonzero(tile_max > self.t)
+        values = tiles[s, :, c].reshape(-1)
+        self._push(values[values > self.t], merge=first)  # values <= t are never needed
+
+    def _push(self, values: np.ndarray, *, merge: bool = False) -> None:  # type: ignore[override]
+        self.parts.append(values)
+        self.pending += values.size
+        if merge or self.pending > self.k + _MERGE_SLACK:
+            self._merge()
+
+    def _candidates(self) -> np.ndarray:  # type: ignore[override]
+        pool = np.concatenate(self.parts) if len(self.parts) != 1 else self.parts[0]
+        return pool if self.t is None else pool[pool > self.t]
+
+    def _merge(self) -> None:
+        pool = self._candidates()
+        if pool.size > self.k:
+            pool = np.partition(pool, pool.size - self.k)[pool.size - self.k :]
+            self.t = float(pool.min())  # >= the old t: every value in the pool was above it
+        self.parts, self.pending = [pool], pool.size
+
+    def total(self, scale: float = 1.0) -> float:
+        pool = self._candidates() if self.parts else np.empty(0, np.float32)
+        if pool.size >= self.k:
+            pool = np.partition(pool, pool.size - self.k)[pool.size - self.k :]
+        dtype = pool.dtype.type
+        if scale != 1.0:
+            pool = pool * dtype(scale)  # in the stream's dtype, like the torch path
+        out = float(pool.astype(np.float64).sum())
+        if pool.size < self.k:
+            out += (self.k - pool.size) * float(dtype(self.t if self.t is not None else 0.0) * dtype(scale))
+        return out
+
+
 def stream_layer_score(
     layer: LoraLayer,
     k: int,
@@ -294,7 +363,7 @@ def stream_layer_score(
 ) -> tuple[float, float]:
     """(sum of the k largest |delta|, sum |delta|) of one layer without allocating its full delta.
 
-    The delta is built in row blocks of about ``block_elems`` elements (default: L2-sized on CPU, larger on CUDA) in
+    The delta is built in row blocks of about ``block_elems`` elements (default: BLOCK_ELEMS_CPU / _CUDA) in
     ``dtype`` (None: the file's own factor dtype). The layer's scale (alpha/rank or ``scale`` key) is applied to the
     few selected values and to the sum, not to every element: |x * s| rounds like |x| * |s|, so the top-k values are
     the same numbers as those of the scaled dense delta. ``apply_scale=False`` scores the raw factor product.
@@ -312,12 +381,17 @@ def stream_layer_score(
         buf = torch.empty((ranges[0][1] - ranges[0][0]) * cols, device=device, dtype=dtype)
         # k close to numel: select the (numel - k) smallest instead and subtract them from the total (bounded memory)
         complement = 2 * k > numel
-        select = _Selector(numel - k if complement else k) if (numel - k if complement else k) > 0 else None
-        sums: list[torch.Tensor] = []
+        host = _HOST_NUMPY and torch.device(device).type == "cpu" and dtype == torch.float32
+        n_select = numel - k if complement else k
+        select = (_HostSelector if host else _Selector)(n_select) if n_select > 0 else None
+        sums: list[Any] = []  # fp32 sums per block: floats (numpy path) or 0-d tensors
         for start, stop in ranges:
             n_rows = stop - start
             block = buf[: n_rows * cols].view(n_rows, cols)
             fill(start, stop, block)
+            if host:
+                sums.append(_host_block(block.numpy(), select, complement))
+                continue
             block.abs_()
             sums.append(block.sum(dtype=torch.float32))  # fp32 per block (a double sum would copy it), fp64 across
             if select is None:
@@ -329,7 +403,7 @@ def stream_layer_score(
                 select.add(neg, neg.amax(1), neg)
             else:
                 select.add(block, tiles.amax(1), tiles)
-        total = float(torch.stack(sums).double().sum())
+        total = math.fsum(sums) if host else float(torch.stack(sums).double().sum())
         if select is None:
             top = total
         elif complement:
@@ -337,6 +411,28 @@ def stream_layer_score(
         else:
             return select.total(scale), total * scale
     return top * scale, total * scale
+
+
+def _host_block(block: np.ndarray, select: _HostSelector | None, complement: bool) -> float:
+    """One CPU block: |.| in place, its fp32 sum, tile maxima and candidates, all in numpy on the calling thread.
+
+    numpy runs these passes single-threaded: no thread-pool barriers, which cost torch ~2 ms each when the cores are
+    shared (several per block: SDXL scoring went from ~5 s to ~45 s under load), and no change to torch's
+    process-wide thread count. The product itself (``fill``) stays a torch matmul on torch's threads.
+    """
+    np.abs(block, out=block)
+    total = float(block.sum(dtype=np.float32))
+    if select is not None:
+        n_rows, cols = block.shape
+        g = TILE_ROWS if n_rows % TILE_ROWS == 0 else n_rows
+        if complement:
+            neg = np.negative(block)  # the largest of -|x| are the smallest |x|
+            tiles = neg.reshape(n_rows // g, g, cols)
+            select.add(neg, tiles.max(axis=1), tiles)
+        else:
+            tiles = block.reshape(n_rows // g, g, cols)
+            select.add(block, tiles.max(axis=1), tiles)
+    return total
 
 
 def compute_scores(

@@ -21,6 +21,13 @@ from klora_ext.scoring import _row_blocks, _Selector, compute_scores, stream_lay
 SMALL_BLOCKS = (16, 100, 1000, 1 << 30)  # one tile-row per block ... the whole layer as one block
 
 
+@pytest.fixture(autouse=True, params=["numpy", "torch"])
+def backend(request, monkeypatch) -> str:
+    """Every test on both block paths: numpy (CPU fp32) and torch (what CUDA runs; here on the CPU)."""
+    monkeypatch.setattr(scoring, "_HOST_NUMPY", request.param == "numpy")
+    return request.param
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.float().double().numpy()
 
@@ -469,3 +476,32 @@ def test_plans_equal_plans_from_brute_force_scores(kind_c: str, kind_s: str) -> 
                 assert a.gamma == pytest.approx(b.gamma, rel=1e-6)
                 switched = switched or len(np.unique(a.roles)) > 1
     assert switched  # some plans really mix content and style layers
+
+
+@pytest.mark.parametrize("layout", ["random", "sample-high", "sample-low", "ties"])
+def test_first_threshold_has_k_values_at_or_above_it(layout: str) -> None:
+    k, n = 50, 5000
+    values = torch.rand(n, generator=_g(5))
+    stride = n // (4 * k) | 1
+    if layout == "sample-high":  # the strided sample holds the only large values: the count check must fall back
+        values = torch.zeros(n)
+        values[::stride] = torch.arange(1, values[::stride].numel() + 1, dtype=torch.float32)
+    elif layout == "sample-low":
+        values[::stride] = 0.0
+    elif layout == "ties":
+        values = torch.full((n,), 0.5)
+    kth = float(np.sort(values.numpy())[-k])
+    for t in (scoring._first_threshold(values, k), scoring._first_threshold_np(values.numpy(), k)):
+        assert int((values >= t).sum()) >= k and t <= kth
+        if layout == "sample-high":
+            assert t == kth  # the exact k-th largest after the fallback
+
+
+def test_skewed_columns_are_still_exact() -> None:
+    # large values only in the columns a strided sample of tile maxima keeps: the sampled threshold is rejected
+    layer = make_layer("full", (64, 900), 1, diff=torch.rand(64, 900, generator=_g(8)) * 1e-3)
+    layer.factors["diff"][:, ::3] += 10.0
+    for k in (40, 300):
+        top, total = stream_layer_score(layer, k)
+        want = brute(layer, k)
+        assert top == pytest.approx(want[0], rel=1e-6) and total == pytest.approx(want[1], rel=1e-6)
