@@ -367,3 +367,11 @@ def test_style_bias_diffs_are_applied_as_forge_applies_them(flux: FluxWorld, met
     # the next plain generation's patcher (no LoRAs): Forge restores its backup, nothing of either LoRA is left
     flux.host.sampling_prepare(flux.host.shared.sd_model.forge_objects.unet)
     assert torch.equal(flux.kmodel.get_parameter(bias_key), pristine)
+
+
+def test_plan_without_a_generation_uses_the_loaded_model(flux: FluxWorld) -> None:
+    """The plan preview and the plan API have no processing object: the WebUI's loaded checkpoint is used."""
+    flux.add("c", "kohya", seed=7)
+    flux.add("s", "diffusers", seed=8)
+    run = run_module.prepare_run(KLoraArgs(enabled=True, content="c", style="s"), ForgeAdapter(), None, steps=4)
+    assert {s.id for s in run.session.scores.layers} == set(SHAPES)

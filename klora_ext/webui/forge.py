@@ -1213,8 +1213,21 @@ def _lookup(networks: Any, name: str) -> Any:
     return None
 
 
+def _sd_model_of(p: Any) -> Any:
+    """The loaded checkpoint of a generation, or the WebUI's current one when there is no generation (plan preview,
+    plan API: ``p`` is None)."""
+    sd_model = getattr(p, "sd_model", None)
+    if sd_model is None:
+        try:
+            from modules import shared  # type: ignore[import-not-found]
+        except ImportError:
+            return None
+        sd_model = getattr(shared, "sd_model", None)
+    return sd_model
+
+
 def _unet_of(p: Any) -> Any:
-    forge_objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
+    forge_objects = getattr(_sd_model_of(p), "forge_objects", None)
     unet = getattr(forge_objects, "unet", None)
     if unet is None or not hasattr(unet, "lora_patches"):
         msg = "[K-LoRA] no Forge model is loaded (forge_objects.unet is missing); load a checkpoint first"
@@ -1224,7 +1237,7 @@ def _unet_of(p: Any) -> Any:
 
 def _checkpoint_id(p: Any) -> str:
     """The loaded checkpoint as the WebUI names it (its hash when known)."""
-    info = getattr(getattr(p, "sd_model", None), "sd_checkpoint_info", None)
+    info = getattr(_sd_model_of(p), "sd_checkpoint_info", None)
     for attr in ("sha256", "shorthash", "title"):
         value = getattr(info, attr, None)
         if value:
@@ -1235,7 +1248,7 @@ def _checkpoint_id(p: Any) -> str:
 def _models_of(p: Any) -> tuple[Any, Any]:
     """The loaded UNet (KModel) and text-encoder module Forge patches LoRAs into."""
     unet = _unet_of(p)
-    clip = getattr(getattr(p.sd_model, "forge_objects", None), "clip", None)
+    clip = getattr(getattr(_sd_model_of(p), "forge_objects", None), "clip", None)
     return unet.model, getattr(clip, "cond_stage_model", None)
 
 
