@@ -12,6 +12,8 @@ pytest.importorskip("PIL")
 from klora_ext.args import KLoraArgs  # noqa: E402
 from klora_ext.webui.preview import INPUTS, PICK_BOTH  # noqa: E402
 
+pytest_plugins = ["tests.fakes.forge.fixture"]  # the `forge` fixture (fake Forge host)
+
 
 def _preview_parts(webui, tab="txt2img"):
     import gradio
@@ -193,3 +195,34 @@ def test_gradio4_queues_the_last_change_instead(webui, monkeypatch):
     controls = _build_tab(webui, "4.40.0", monkeypatch)
     for name in INPUTS:
         assert [e[0] for e in controls[name].events if e[0] in ("change", "then")] == ["change"], name
+
+
+@pytest.fixture
+def forge_script(forge, monkeypatch):
+    """klora_ext.webui.script loaded on the fake Forge (as scripts/klora.py loads it)."""
+    import sys
+
+    import klora_ext.webui as glue
+
+    for name in ("klora_ext.webui.script", "klora_ext.webui.a1111", "klora_ext.webui.ui", "klora_ext.webui.api"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    for attr in ("script", "a1111", "ui", "xyz", "api"):
+        monkeypatch.delitem(glue.__dict__, attr, raising=False)
+    import klora_ext.webui.script as script
+
+    return script
+
+
+def test_forge_preview_maps_the_files_onto_the_loaded_model(forge, forge_script):
+    # Forge reads the model from p.sd_model; before any generation there is no p (a real Forge answered
+    # "no Forge model is loaded" here): the preview stands the loaded model in for it.
+    from klora_ext.webui import run as klrun
+
+    assert type(forge_script.get_adapter()).__name__ == "ForgeAdapter"
+    values = {**KLoraArgs().to_dict(), "content": "content", "style": "style"}
+    shown = forge_script._preview({k: values[k] for k in INPUTS}, 6)
+    assert shown.image is not None, shown.text
+    args = KLoraArgs(**{k: values[k] for k in INPUTS}, enabled=True)
+    run = klrun.prepare_run(args, forge_script.get_adapter(), forge.txt2img(steps=6), steps=6)
+    assert shown.plan.layer_ids == run.session.first_plan.layer_ids  # the layers a generation switches
+    assert np.array_equal(shown.plan.roles, run.session.first_plan.roles)

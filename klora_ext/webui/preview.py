@@ -76,8 +76,11 @@ def build(
     adapter: Any,
     progress: Callable[[int, int, str], None] | None = None,
     title_names: tuple[str, str] | None = None,
+    p: Any = None,
 ) -> Preview:
-    """The preview for the controls' ``values`` (field name -> raw UI value) and the host's steps slider."""
+    """The preview for the controls' ``values`` (field name -> raw UI value) and the host's steps slider. ``p``
+    stands in for a generation's processing object (no generation yet): adapters read the loaded model from
+    ``p.sd_model`` (Forge maps the LoRA files onto that model's layers)."""
     from klora_ext.selection_map import render_map
     from klora_ext.webui import run as klrun
 
@@ -94,7 +97,7 @@ def build(
     try:
         args = KLoraArgs(**{k: v for k, v in values.items() if k in INPUTS}, enabled=True)
         with _score_lock:
-            run = klrun.prepare_run(args, adapter, None, steps=n_steps, seed=0, progress=progress)
+            run = klrun.prepare_run(args, adapter, p, steps=n_steps, seed=0, progress=progress)
         plan = run.session.first_plan
         if plan is None:
             return Preview(None, "[K-LoRA] no plan could be built for these settings")

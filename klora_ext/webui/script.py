@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import json
 import os
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +128,9 @@ def _preview(values: dict[str, Any], steps: Any, progress: Any = None) -> Any:
 
     _use_webui_font()
     klrun.score_cache(int(opt("klora_cache_size", 32)))
-    return preview.build(values, steps, adapter=get_adapter(), progress=progress)
+    # no generation yet: the loaded model stands in for p.sd_model (Forge maps the files onto its layers)
+    model = types.SimpleNamespace(sd_model=getattr(shared, "sd_model", None))
+    return preview.build(values, steps, adapter=get_adapter(), progress=progress, p=model)
 
 
 def _use_webui_font() -> None:

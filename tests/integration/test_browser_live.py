@@ -150,6 +150,29 @@ def open_accordion(driver, tab: str) -> None:
     wait_for(driver, lambda d: css(d, f"#klora_{tab}_content input").is_displayed(), timeout=30)
 
 
+def watch_progress(driver, selector: str, shot: Path, seconds: float = 15.0) -> str:
+    """The text of gradio's progress overlay on ``selector`` (3.41 and 4 both draw ``.progress-text`` / ``.eta-bar``
+    inside the block) if it shows within ``seconds``, with a screenshot; "" if the call ended before it could be seen
+    (a warm server scores a SD1.5 pair in well under a second: a fast one is not a failure)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            block = css(driver, selector)
+            if css_all(driver, f"{selector} img"):
+                return ""
+            texts = [
+                e.text for e in block.find_elements(_by().CSS_SELECTOR, ".progress-text, .progress-level, .meta-text")
+            ]
+            text = " ".join(t for t in texts if t.strip())
+            if text:
+                block.screenshot(str(shot))
+                return text
+        except Exception:  # noqa: BLE001 - re-rendered while we look
+            pass
+        time.sleep(0.05)
+    return ""
+
+
 def enabled_box(driver, tab: str):
     """The visible checkbox of K-LoRA's InputAccordion header (A1111 and Forge add it with inputAccordion.js)."""
     boxes = css_all(driver, f"#klora_{tab}_enabled .input-accordion-checkbox")
@@ -177,10 +200,13 @@ def test_accordion_preview_generate_and_send_to_img2img(browser, shots: Path) ->
     for elem, value in (("txt2img_steps", "6"), ("txt2img_width", "64"), ("txt2img_height", "64")):
         type_into(driver, number_box(driver, elem), value)
 
-    # 2. pick the two LoRAs: the preview appears (a new pair is scored once)
+    # 2. pick the two LoRAs: the preview appears (a new pair is scored once; cold cache, so it really is scored)
+    LiveServer(URL, TIMEOUT, {}).request("/klora/v1/cache/clear", {})
     pick(driver, "klora_txt2img_content", CONTENT)
     pick(driver, "klora_txt2img_style", STYLE)
-    first = wait_for(driver, lambda d: preview_src(d), timeout=600)
+    busy = watch_progress(driver, "#klora_txt2img_preview", shots / "2-preview-scoring.png")
+    first = wait_for(driver, lambda d: preview_src(d), timeout=240)
+    print(f"progress shown on the preview while scoring: {busy!r}")
     info = css(driver, "#klora_txt2img_preview_info").text
     assert "γ" in info and "shared layers" in info, info
     css(driver, "#klora_txt2img_preview").screenshot(str(shots / "2-preview.png"))
@@ -222,6 +248,8 @@ def test_accordion_preview_generate_and_send_to_img2img(browser, shots: Path) ->
     assert css(driver, "#klora_img2img_style input").get_attribute("value") == STYLE
     assert float(number_box(driver, "klora_img2img_alpha").get_attribute("value")) == pytest.approx(0.2)
     assert is_checked(driver, enabled_box(driver, "img2img"))
+    assert is_checked(driver, css(driver, "#klora_img2img_show_map input"))  # inside the closed Advanced accordion
+    wait_for(driver, lambda d: preview_src(d, "img2img"), timeout=120)  # the img2img preview follows the new values
     driver.save_screenshot(str(shots / "5-img2img-after-send.png"))
 
 
@@ -245,3 +273,37 @@ def test_api_answers_on_the_real_server() -> None:
     assert status == 404 and "failed" in body["detail"] and "_missing" in body["detail"], body
     server.txt2img(**klora([pair]))
     assert server.request("/klora/v1/plan/last")["steps"] == 2
+
+
+def test_paste_restores_k_lora_and_an_unusable_paste_changes_nothing(browser, shots: Path) -> None:
+    """The prompt box's paste button (↙): a K-LoRA infotext sets the controls; one with a value this version cannot
+    use leaves every control as it was and says why in a browser notice."""
+    driver = browser
+    driver.get(URL)
+    wait_for(driver, lambda d: css(d, "#klora_txt2img_enabled"))
+    wait_for(driver, lambda d: css(d, "#txt2img_generate").is_displayed())
+    prompt = css(driver, "#txt2img_prompt textarea")
+    paste = css(driver, "#txt2img_toprow #paste")
+    good = (
+        f"a photo\nSteps: 6, Seed: 1, K-LoRA: v1, K-LoRA content: {CONTENT}, K-LoRA style: {STYLE}, K-LoRA alpha: 0.7"
+    )
+    type_into(driver, prompt, good, enter=False)
+    click(driver, paste)
+    wait_for(driver, lambda d: css(d, "#klora_txt2img_content input").get_attribute("value") == CONTENT, timeout=60)
+    assert css(driver, "#klora_txt2img_style input").get_attribute("value") == STYLE
+    wait_for(driver, lambda d: float(number_box(d, "klora_txt2img_alpha").get_attribute("value")) == 0.7, timeout=60)
+    wait_for(driver, lambda d: is_checked(d, enabled_box(d, "txt2img")), timeout=20)
+    driver.save_screenshot(str(shots / "6-pasted.png"))
+
+    bad = good.replace("K-LoRA alpha: 0.7", "K-LoRA alpha: 0.9, K-LoRA method: k-lora-v9")
+    type_into(driver, css(driver, "#txt2img_prompt textarea"), bad, enter=False)
+    click(driver, css(driver, "#txt2img_toprow #paste"))
+    toast = wait_for(
+        driver, lambda d: " ".join(e.text for e in css_all(d, ".toast-body") if "K-LoRA" in e.text), timeout=60
+    )
+    assert "'method'" in toast and "not applied" in toast, toast
+    driver.save_screenshot(str(shots / "7-unusable-paste.png"))
+    time.sleep(2)  # give a wrong update time to land
+    assert float(number_box(driver, "klora_txt2img_alpha").get_attribute("value")) == pytest.approx(0.7)
+    assert css(driver, "#klora_txt2img_content input").get_attribute("value") == CONTENT
+    assert is_checked(driver, enabled_box(driver, "txt2img"))
