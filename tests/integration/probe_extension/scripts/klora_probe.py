@@ -6,8 +6,9 @@
     the file patches)
 
 The answer comes from the host's own loader, called the way its builtin Lora extension calls it: A1111's
-``networks.load_network`` (the keys of ``Network.modules``, i.e. the host's module names, one per patched module; an
-``nn.MultiheadAttention`` whose q/k/v/out are patched is one module), Forge's ``model_lora_keys_unet/clip`` +
+``networks.load_network`` (the keys of ``Network.modules``, i.e. the host's module names, one per patched module,
+except an ``nn.MultiheadAttention`` (SDXL's OpenCLIP text encoder): its ``…_q_proj/_k_proj/_v_proj/_out_proj`` keys
+are four entries that the builtin merges into that one module), Forge's ``model_lora_keys_unet/clip`` +
 ``load_lora`` (the keys of the patch dicts, i.e. parameters or ``param[dim:start:size]`` slices). Nothing is applied
 to the model. Link this folder into the WebUI's ``extensions/`` only on test servers (see ../README.md).
 """
