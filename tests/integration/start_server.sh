@@ -55,7 +55,8 @@ neo)
     mkdir -p "$CKPT_ONLY" && ln -sfn "$CKPT" "$CKPT_ONLY/$(basename "$CKPT")"
     FLAGS=(--skip-prepare-environment --skip-install --skip-torch-cuda-test --skip-version-check
         --skip-python-version-check --always-cpu --all-in-fp32 --api --port "$PORT"
-        --ckpt-dirs "$CKPT_ONLY" --lora-dir "$LORA_DIR")
+        --ckpt-dirs "$CKPT_ONLY" --lora-dir "$LORA_DIR"
+        --attention-pytorch)  # Neo 7862a96's basic/split attention read args.dont_upcast_attention, which its parser lacks (HTTP 500)
     ;;
 classic)
     DIR=${KLORA_CLASSIC_DIR:-/work/classic}
