@@ -56,9 +56,9 @@ from klora_ext.webui.adapter_base import HostAdapter, KLoraRun, LoraRef, StepInf
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LEGACY_MESSAGE = (
-    "[K-LoRA] this WebUI is Forge with the older 'ldm_patched' backend (Forge before August 2024, reForge 'main', "
-    "Forge Classic); K-LoRA is disabled here. Supported: AUTOMATIC1111 WebUI 1.6-1.10 and the current Forge "
-    "(f2.x with the 'backend/' folder, also reForge's 'newmain_newforge' branch)."
+    "[K-LoRA] this WebUI has the 'ldm_patched' backend, but not the patcher K-LoRA's support for it needs (Forge "
+    "Classic / reForge style ModelPatcher with per-key patches and backups); K-LoRA is disabled here. Supported: "
+    "AUTOMATIC1111 WebUI 1.6-1.10, Forge f2.x and Forge Neo ('backend/' folder), Forge Classic and reForge."
 )
 _HASH_SUFFIX = re.compile(r"^(.*?)\s*\([0-9a-fA-F]{6,}\)$")
 STALE_HASH = "k-lora: stale"  # a LoraLoader.loaded_hash no patch set equals: Forge re-merges from its backup

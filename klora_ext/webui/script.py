@@ -40,7 +40,10 @@ from klora_ext.webui.adapter_base import HostAdapter, KLoraRun
 TITLE = "K-LoRA"
 ON_ERROR_STOP = "stop"
 ON_ERROR_CONTINUE = "continue without K-LoRA"
-SUPPORTED = "AUTOMATIC1111 WebUI v1.6-v1.10 (with the builtin Lora extension enabled) and Forge"
+SUPPORTED = (
+    "AUTOMATIC1111 WebUI v1.6-v1.10 (with the builtin Lora extension enabled), Forge f2.x, Forge Neo, Forge Classic "
+    "and reForge"
+)
 
 
 @dataclass
