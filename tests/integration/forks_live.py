@@ -35,13 +35,14 @@ class LiveTier:
     HIRES_EXTRA: ClassVar[dict] = {}
 
     @pytest.fixture(scope="class")
-    def server(self):
-        if not self.URL:
+    @classmethod
+    def server(cls):
+        if not cls.URL:
             pytest.skip("no server URL set")
-        server = LiveServer(self.URL, self.TIMEOUT, base_payload(self.STEPS, self.SIZE))
+        server = LiveServer(cls.URL, cls.TIMEOUT, base_payload(cls.STEPS, cls.SIZE))
         version = server.request("/klora/v1/version")
-        if version.get("host") != self.HOST:
-            pytest.fail(f"K-LoRA on {self.URL} uses adapter {version.get('host')!r}, not {self.HOST!r}: {version}")
+        if version.get("host") != cls.HOST:
+            pytest.fail(f"K-LoRA on {cls.URL} uses adapter {version.get('host')!r}, not {cls.HOST!r}: {version}")
         names = {x["name"] for x in server.request("/sdapi/v1/loras")}
         missing = {CONTENT, STYLE} - names
         if missing:
@@ -49,7 +50,8 @@ class LiveTier:
         return server
 
     @pytest.fixture(scope="class")
-    def never_enabled(self, server):
+    @classmethod
+    def never_enabled(cls, server):
         """Images made before any K-LoRA generation on this server (module order: this runs first)."""
         return {
             "plain": decode(server.txt2img(seed=90)["images"][0]),
