@@ -24,7 +24,6 @@ import importlib
 import importlib.util
 import json
 import os
-import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,9 +130,8 @@ def _preview(values: dict[str, Any], steps: Any, progress: Any = None) -> Any:
 
     _use_webui_font()
     klrun.score_cache(int(opt("klora_cache_size", 32)))
-    # no generation yet: the loaded model stands in for p.sd_model (Forge maps the files onto its layers)
-    model = types.SimpleNamespace(sd_model=getattr(shared, "sd_model", None))
-    return preview.build(values, steps, adapter=get_adapter(), progress=progress, p=model)
+    # no generation yet (p is None): adapters that map files onto the model take the WebUI's loaded one
+    return preview.build(values, steps, adapter=get_adapter(), progress=progress)
 
 
 def _use_webui_font() -> None:
