@@ -252,6 +252,47 @@ def test_methods_and_any_role_change(forge: World, monkeypatch: pytest.MonkeyPat
     assert_equal_state(forge.snapshot(), checker.host_states[-1])
 
 
+def _plain_unet_weights(forge: World, prompt_loras: list[tuple[str, float]]) -> dict[str, torch.Tensor]:
+    """The UNet weights Forge itself holds while sampling with these prompt LoRAs (no K-LoRA)."""
+    seen: list[dict[str, torch.Tensor]] = []
+    forge.generate(forge.txt2img(steps=2, prompt_loras=prompt_loras), [], lambda d: seen.append(forge.snapshot()))
+    return {k: v for k, v in seen[-1].items() if k.startswith("diffusion_model.")}
+
+
+@pytest.mark.parametrize("prompt", [(), (("other", 0.7),)], ids=["alone", "with-other-prompt-lora"])
+def test_in_place_weights_are_bit_identical_to_forges_own_merge(
+    forge: World, monkeypatch: pytest.MonkeyPatch, prompt: tuple
+) -> None:
+    """A layer K-LoRA gives to the style LoRA holds exactly what Forge merges for <lora:style:w> in the prompt (not
+    Forge's content merge plus a correction, which rounds differently), and a content layer exactly Forge's
+    <lora:content:w>; the same for every step of a merge run, other prompt LoRAs included."""
+    wc, ws = 0.8, 1.1
+    plain_content = _plain_unet_weights(forge, [*prompt, ("content", wc)])
+    plain_style = _plain_unet_weights(forge, [*prompt, ("style", ws)])
+    plain_none = _plain_unet_weights(forge, list(prompt))
+    # the two plain merges differ on every shared layer, so the checks below can tell them apart
+    shared = [lid for lid in UNET_SHAPES if lid not in (CONTENT_ONLY, STYLE_ONLY)]
+    assert all(not torch.equal(plain_content[param_key(i)], plain_style[param_key(i)]) for i in shared)
+    for method in ("style-only", "content-only", "merge"):
+        p = forge.txt2img(steps=6, prompt_loras=list(prompt))
+        _, checker = checked_run(forge, monkeypatch, p, method=method, content_weight=wc, style_weight=ws)
+        assert checker.calls
+        for call in checker.calls:
+            for lid in UNET_SHAPES:
+                role, key = call.roles.get(lid), param_key(lid)
+                if role == STYLE or (role == NONE and lid not in forge.layers["style"]):
+                    want = plain_style if lid in forge.layers["style"] else plain_none
+                elif role == CONTENT:
+                    want = plain_content if lid in forge.layers["content"] else plain_none
+                else:
+                    continue
+                assert torch.equal(call.weights[key], want[key]), f"{method} step {call.step} {lid} role {role}"
+        if method != "merge":
+            continue
+        roles = {r for c in checker.calls for r in c.roles.values()}
+        assert {CONTENT, STYLE} <= roles  # the merge run switched layers both ways
+
+
 def test_s_star_schedule_switches_back_and_forth(forge: World, monkeypatch: pytest.MonkeyPatch) -> None:
     p = forge.txt2img(steps=12)
     _, checker = checked_run(forge, monkeypatch, p, schedule="s*", alpha=1.5, beta=1.3)
@@ -308,26 +349,38 @@ def test_hook_path_for_quantized_and_offloaded_layers(forge: World, monkeypatch:
     forge.generate(p, [(forge.direct(adapter, args), [])], probe)
     modes = checker.calls[0].modes
     assert {modes[GGUF], modes[OFFLOADED], modes[FP8]} == {"B"}
-    # the style-only layer: Forge merged nothing into it, so it has no Forge backup to restore from -> hook
-    assert modes[STYLE_ONLY] == "B"
-    assert sum(m == "A" for m in modes.values()) == len(modes) - 4
+    # the style-only layer: Forge merged nothing into it; K-LoRA keeps the loaded weight while editing it in place
+    assert modes[STYLE_ONLY] == "A"
+    assert sum(m == "A" for m in modes.values()) == len(modes) - 3
     assert max(hooks_seen) >= 1
     assert_equal_state(forge.snapshot(), checker.host_states[-1])
     assert no_hooks(forge)
 
 
 def test_in_place_path_keeps_no_weight_copy(forge: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 7: the in-place path holds the live parameter and a recipe (Forge's backup + patch list), never a copy."""
+    """Issue 7: the in-place path holds the live parameter and a recipe (Forge's backup + patch list), never a copy
+    of a weight Forge backs up; it keeps the loaded weight only where Forge merged nothing (a style-only layer), on
+    the offload device, which is exactly the backup Forge itself would hold with both LoRAs in the prompt."""
     seen: list[int] = []
+    both = forge.txt2img(steps=2, prompt_loras=[("other", 0.7), ("content", 0.8), ("style", 1.1)])
+    forge.generate(both, [], None)
+    plain_backup = set(forge.kmodel.lora_loader.backup)
+    kept: set[str] = set()
 
     def probe(d: Any) -> None:
         edits = forge_module._LIVE.edits
+        forge_backup = forge.kmodel.lora_loader.backup
         for key, edit in edits.items():
             assert set(vars(edit)) == {"tensor", "host"}
             live = dict(forge.kmodel.named_parameters())[key]
             assert edit.tensor is live  # the model's own parameter, edited in place
-            original = forge.kmodel.lora_loader.backup[key]
-            assert edit.host.loader.backup[key] is original  # recomputed from Forge's own backup
+            if edit.host.loader is None:
+                assert key not in forge_backup and edit.host.original.device == torch.device("cpu")
+                kept.add(key)
+            else:
+                assert edit.host.original is None
+                assert edit.host.loader.backup[key] is forge_backup[key]  # recomputed from Forge's own backup
+        assert not kept & set(forge_backup) and kept | set(forge_backup) <= plain_backup
         seen.append(len(edits))
 
     p = forge.txt2img(steps=6, prompt_loras=[("other", 0.7)])
@@ -336,7 +389,7 @@ def test_in_place_path_keeps_no_weight_copy(forge: World, monkeypatch: pytest.Mo
     checker = Checker(forge, adapter, args.content_weight, args.style_weight, (("other", 0.7),))
     checker.host_states = watch_prepare(forge, monkeypatch)
     forge.generate(p, [(forge.direct(adapter, args), [])], lambda d: (checker(d), probe(d)))
-    assert max(seen) >= 10
+    assert max(seen) >= 10 and kept == {param_key(STYLE_ONLY)}
     assert_equal_state(forge.snapshot(), checker.host_states[-1])
 
 
@@ -344,7 +397,7 @@ def test_weight_forge_would_not_recompute_exactly_uses_a_hook(forge: World, monk
     """If Forge's merge, recomputed, differs from what it holds (merged on another device), nothing is edited in place:
     the forward hook needs no restore, and the weights stay exactly Forge's."""
     real = forge_module._HostWeight.compute
-    monkeypatch.setattr(forge_module._HostWeight, "compute", lambda self: real(self) + 1e-3)
+    monkeypatch.setattr(forge_module._HostWeight, "compute", lambda self, patches=None: real(self, patches) + 1e-3)
     p = forge.txt2img(steps=6, prompt_loras=[("other", 0.7)])
     adapter = ForgeAdapter()
     args = default_args()
@@ -374,10 +427,10 @@ def test_failed_recompute_at_restore_lets_forge_restore(forge: World, monkeypatc
     real = forge_module._HostWeight.compute
     state = {"fail": False, "calls": 0}
 
-    def compute(self: Any) -> torch.Tensor:
+    def compute(self: Any, patches: Any = None) -> torch.Tensor:
         if state["fail"]:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(self)
+        return real(self, patches)
 
     monkeypatch.setattr(forge_module._HostWeight, "compute", compute)
     adapter = ForgeAdapter()

@@ -6,19 +6,22 @@ Mechanism (``shared/docs/research/forge-internals.md`` §6):
   ``add_patches`` the content LoRA at strength w_c (a prompt copy of it is taken over, the style LoRA is removed from
   the clone's patches). Forge merges it once at ``sampling_prepare`` and caches the merged weights across generations
   (``LoraLoader`` keyed by the patch identifiers); we never call ``refresh`` ourselves.
-* At the first denoiser call of a pass (Forge's refresh has run by then) each layer gets a correction between what
-  the host applied (content at w_c, or nothing) and the role the plan wants now; per step only the layers whose role
-  changes are touched:
+* At the first denoiser call of a pass (Forge's refresh has run by then) each layer is brought to the role the plan
+  wants now; per step only the layers whose role changes are touched:
 
-  - (A) float weights (fp32/fp16/bf16) resident on the compute device that Forge merged a LoRA into: edited in
-    place. K-LoRA keeps no copy of its own: the host's weight is recomputed when needed with Forge's own
-    ``merge_lora_to_weight`` from the original Forge keeps in ``LoraLoader.backup`` and the same patch list Forge
-    merged (same inputs, same function: bit-exact), and the correction is added to it in fp32. Restoring = copying
-    that recomputed host weight back. Should the recomputation fail, Forge's merge hash is marked stale so Forge
-    itself restores from its backup at the next refresh;
+  - (A) float weights (fp32/fp16/bf16) resident on the compute device: edited in place with **Forge's own merge**.
+    A layer's weight is ``merge_lora_to_weight`` of Forge's patch list for that key with the content LoRA's entries
+    kept or dropped and the style LoRA's entries (built by Forge's ``add_patches`` on a scratch clone) appended, from
+    the original Forge keeps in ``LoraLoader.backup``: a style layer is bit-identical to Forge with ``<lora:style:w>``
+    in the prompt (a correction added on top of the content merge would round differently), DoRA included. Restoring
+    = Forge's own list merged again (same inputs, same function: bit-exact). K-LoRA keeps no copy of what Forge
+    backs up; only a weight Forge merged nothing into (a layer only the style LoRA patches) is kept while edited, on
+    the offload device, which is the backup Forge itself would hold with the style LoRA in the prompt. Should the
+    recomputation fail, Forge's merge hash is marked stale so Forge itself restores from its backup at the next
+    refresh;
   - (B) anything else (fp8, nf4/fp4, GGUF, modules Forge streams from CPU, weights not on the compute device,
-    weights Forge merged nothing into and so holds no backup of): a forward hook that adds the low-rank correction
-    to the module's output; the weight is never touched.
+    online LoRAs): a forward hook that adds the low-rank correction to the module's output; the weight is never
+    touched.
 
 * In-place edits never outlive a sampling pass: they are undone in ``before_sampling`` (before Forge may refresh and
   back up weights) and re-applied at the next pass's first denoiser call; ``restore`` undoes everything, idempotently,
@@ -39,7 +42,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,22 +112,47 @@ def _is_quantized(param: torch.Tensor) -> bool:
 class _HostWeight:
     """What Forge put into one parameter, recomputed on demand with Forge's own merge from Forge's own backup."""
 
-    def __init__(self, loader: Any, key: str, patches: list, like: torch.Tensor) -> None:
+    def __init__(self, loader: Any, key: str, patches: list, like: torch.Tensor, content: Iterable = ()) -> None:
         self.loader = loader
         self.key = key
         self.patches = patches  # Forge's merged patch list for this key (its own tensors, not copies)
+        self.content = {id(e) for e in content}  # which entries of it are the content LoRA's
         self.device = like.device
         self.dtype = like.dtype
+        self.original: torch.Tensor | None = None  # only without a loader: the weight as loaded, kept while edited
+        self.offload = torch.device("cpu")  # where that copy is kept
 
-    def compute(self) -> torch.Tensor:
+    def compute(self, patches: list | None = None) -> torch.Tensor:
+        """Forge's merge of its own list (default) or of another list of Forge patch entries, from Forge's backup."""
         from backend.patcher.lora import merge_lora_to_weight  # type: ignore[import-not-found]
 
-        original = self.loader.backup[self.key].to(device=self.device)
-        weight = merge_lora_to_weight(self.patches, original, self.key, computation_dtype=torch.float32)
+        if self.loader is None:  # a weight Forge leaves as loaded (no LoRA of the pass patches it)
+            original = self.original.to(device=self.device)
+        else:
+            original = self.loader.backup[self.key].to(device=self.device)
+        patches = self.patches if patches is None else patches
+        weight = merge_lora_to_weight(patches, original, self.key, computation_dtype=torch.float32)
         return weight.to(dtype=self.dtype)
 
+    def wanted(self, with_content: bool, style: list) -> list | None:
+        """Forge's list with the content LoRA's entries kept or dropped and the style LoRA's appended: what Forge
+        itself would merge with the style LoRA in the prompt in place of the content one. None: Forge's own list."""
+        if with_content and not style:
+            return None
+        kept = self.patches if with_content else [e for e in self.patches if id(e) not in self.content]
+        return kept + style
+
+    def restore(self, tensor: torch.Tensor) -> None:
+        """Put back what Forge holds: its merge recomputed, or the loaded weight K-LoRA kept (then freed)."""
+        if self.loader is None:
+            tensor.copy_(self.original)  # no merge, no allocation: cannot run out of memory here
+            self.original = None
+        else:
+            tensor.copy_(self.compute())
+
     def mark_stale(self) -> None:
-        self.loader.loaded_hash = STALE_HASH
+        if self.loader is not None:
+            self.loader.loaded_hash = STALE_HASH
 
 
 @dataclass
@@ -207,7 +235,7 @@ class _Live:
             with torch.inference_mode():
                 for key, edit in self.edits.items():
                     try:
-                        edit.tensor.copy_(edit.host.compute())
+                        edit.host.restore(edit.tensor)
                     except Exception as exc:  # noqa: BLE001 - e.g. out of memory: Forge restores from its backup
                         edit.host.mark_stale()
                         logger.warning("could not recompute %s (%s); Forge re-merges it from its backup", key, exc)
@@ -693,7 +721,8 @@ class ForgeAdapter(HostAdapter):
         self._compute_device = torch.device("cpu")
         self._compute_dtype = torch.float32
         self._hosts: dict[str, _HostWeight] = {}  # param key -> how to recompute Forge's weight (mode A keys)
-        self._host_last: tuple[str, torch.Tensor] | None = None
+        self._merges: dict[tuple, torch.Tensor] = {}  # Forge merges of the key being edited (slices share them)
+        self._style_entries: dict[str, list] = {}  # the style LoRA's UNet patch entries, made by Forge's add_patches
         self._style_fixed: dict = {}  # the style LoRA's UNet patches Forge applies as they are (see HostLora.fixed)
 
     # ---- detection ----------------------------------------------------------------------------------------------
@@ -928,6 +957,21 @@ class ForgeAdapter(HostAdapter):
                 ident = (run.content.path, weight, 1.0, online)
         self._content_ident = ident
         self._host_strength = weight if ident is not None else 0.0
+        self._style_entries = {}
+        if run.args.style_weight != 0 and run.args.method != "content-only":
+            # the style's entries exactly as Forge would add them for <lora:style:w> (on a scratch clone that is
+            # never sampled): an in-place style layer is then Forge's own merge of them, bit for bit
+            scratch = clone.clone()
+            scratch.lora_patches = {}
+            own = {
+                k: v
+                for k, v in _host_patches(run.style.path, "unet", clone.model).items()
+                if k not in self._style_fixed
+            }
+            scratch.add_patches(
+                filename=run.style.path, patches=own, strength_patch=run.args.style_weight, online_mode=False
+            )
+            self._style_entries = next(iter(scratch.lora_patches.values()), {})
         if self._style_fixed and run.args.style_weight != 0 and run.args.method != "content-only":
             # what K-LoRA does not switch of the style LoRA (bias diffs, ...) is applied as Forge applies it
             clone.add_patches(
@@ -942,7 +986,7 @@ class ForgeAdapter(HostAdapter):
             t.host_content = t.content is not None and any(e[3] in (None, t.offset) for e in hosted.get(t.key, ()))
         if hasattr(clone, "add_extra_preserved_memory_during_sampling"):
             biggest = max((t.content or t.style).numel for t in self._targets.values()) if self._targets else 0
-            clone.add_extra_preserved_memory_during_sampling(3 * 4 * biggest)  # fp32 temporaries of one correction
+            clone.add_extra_preserved_memory_during_sampling(3 * 4 * biggest)  # fp32 merges of one weight
         _LIVE.swaps.append(_Swap(forge_objects, "unet", unet, clone))
         forge_objects.unet = clone
         self._clone = clone
@@ -1000,7 +1044,7 @@ class ForgeAdapter(HostAdapter):
             for layer_id, _ in changes:
                 self._apply(layer_id)
         finally:
-            self._host_last = None
+            self._merges.clear()
 
     def _prepare_pass(self) -> None:
         """First denoiser call of a pass: Forge has merged (refresh ran); check that, pick (A)/(B) per layer from
@@ -1023,18 +1067,25 @@ class ForgeAdapter(HostAdapter):
         device = torch.device(getattr(unet, "load_device", "cpu"))
         counts = {"A": 0, "B": 0}
         merged = _merged_patches(patches)
+        online = {key for ident, entries in patches.items() if ident[3] for key in entries}  # applied per forward
         backup = getattr(loader, "backup", None) or {}
         self._hosts = {}
         for t in self._targets.values():
             module = self._model.get_submodule(t.module_path)
             param = getattr(module, t.key.rsplit(".", 1)[1])
             t.mode = _mode(module, param, device)
-            if t.mode == "A":
+            if t.mode == "A" and t.key not in self._hosts:
                 original = backup.get(t.key)
-                if t.key not in merged or original is None or _same_storage(original, param):
+                if t.key in merged and original is not None and not _same_storage(original, param):
+                    content = patches.get(self._content_ident, {}).get(t.key, ())
+                    self._hosts[t.key] = _HostWeight(loader, t.key, merged[t.key], param, content)
+                elif t.key not in merged and t.key in self._style_entries and t.key not in online:
+                    # only the style LoRA patches it: K-LoRA keeps the loaded weight while it edits it (on the
+                    # offload device, where Forge keeps its own backups, as it would with the style in the prompt)
+                    host = self._hosts[t.key] = _HostWeight(None, t.key, [], param)
+                    host.offload = torch.device(getattr(unet, "offload_device", "cpu"))
+                else:
                     t.mode = "B"  # Forge holds no original of it: a hook needs none either
-                elif t.key not in self._hosts:
-                    self._hosts[t.key] = _HostWeight(loader, t.key, merged[t.key], param)
             counts[t.mode] += 1
         self._compute_device = device
         self._compute_dtype = getattr(unet.model, "computation_dtype", torch.float32)
@@ -1042,7 +1093,7 @@ class ForgeAdapter(HostAdapter):
             for layer_id in self._roles:
                 self._apply(layer_id)
         finally:
-            self._host_last = None
+            self._merges.clear()
         self._prepared_pass = run.passes
         logger.debug("pass %d: %d layers in place (A), %d by forward hook (B)", run.passes, counts["A"], counts["B"])
 
@@ -1061,79 +1112,50 @@ class ForgeAdapter(HostAdapter):
         role = self._roles.get(layer_id)
         if t is None or role is None or self._applied.get(layer_id) == role:
             return
+        if t.mode == "A":
+            style = self._style_entries.get(t.key, []) if role in (STYLE, BOTH) and t.style is not None else []
+            wanted = self._hosts[t.key].wanted(role in (CONTENT, BOTH), style)
+            if layer_id not in self._applied and wanted is None:
+                return  # the host's weight is what this role wants, and it was never edited
+            if self._apply_in_place(t, wanted):
+                self._applied[layer_id] = role
+                return
+            t.mode = "B"
         c_coef, s_coef = self._coefficients(t, role)
         if layer_id not in self._applied and c_coef == 0 and s_coef == 0:
-            return  # nothing to correct and nothing corrected before: the host's weight is right as it is
-        if t.mode == "A" and not self._apply_in_place(t, c_coef, s_coef):
-            t.mode = "B"
-        if t.mode == "B":
-            self._apply_hook(t, c_coef, s_coef)
+            return  # nothing to correct and nothing corrected before
+        self._apply_hook(t, c_coef, s_coef)
         self._applied[layer_id] = role
 
-    def _host_weight(self, host: _HostWeight) -> torch.Tensor:
-        """The host's weight of one key; the last one is kept so the slices of a fused weight share one merge."""
-        if self._host_last is None or self._host_last[0] != host.key:
-            self._host_last = None  # free the previous one first
-            self._host_last = (host.key, host.compute())
-        return self._host_last[1]
+    def _merge(self, host: _HostWeight, wanted: list | None) -> torch.Tensor:
+        """Forge's merge of one key with the wanted list (None: its own); kept while the slices of that key (Flux
+        qkv) are edited, dropped as soon as another key comes."""
+        ident = (host.key, None if wanted is None else tuple(id(e) for e in wanted))
+        if ident not in self._merges:
+            if any(k[0] != host.key for k in self._merges):
+                self._merges.clear()  # free the previous key's merges first
+            self._merges[ident] = host.compute(wanted)
+        return self._merges[ident]
 
-    def _apply_in_place(self, t: _Target, c_coef: float, s_coef: float) -> bool:
-        """False (nothing touched) when Forge's merge, recomputed, is not bit-identical to the weight it holds (merged
-        on another device, or changed by someone else): the caller then uses a hook, which needs no restore."""
+    def _apply_in_place(self, t: _Target, wanted: list | None) -> bool:
+        """Write Forge's own merge of the wanted patch list (from Forge's backup) into the layer's region. False
+        (nothing touched) when Forge's merge, recomputed, is not bit-identical to the weight it holds (merged on
+        another device, or changed by someone else): the caller then uses a hook, which needs no restore."""
         with torch.inference_mode():
             edit = _LIVE.edits.get(t.key)
             if edit is None:
                 module = self._model.get_submodule(t.module_path)
                 param = getattr(module, t.key.rsplit(".", 1)[1])
                 host = self._hosts[t.key]
-                if not torch.equal(self._host_weight(host), param):
+                if host.loader is None:
+                    host.original = param.detach().to(device=host.offload, copy=True)
+                if not torch.equal(self._merge(host, None), param):
                     logger.debug("%s: Forge's merge does not recompute bit-exactly; forward hook instead", t.key)
                     return False
                 edit = _Edit(param, host)
                 _LIVE.edits[t.key] = edit
-            region = _region(edit.tensor, t.offset)
-            saved = _region(self._host_weight(edit.host), t.offset)
-            if c_coef == 0 and s_coef == 0:
-                region.copy_(saved)
-                return True
-            fused = self._fused(t, c_coef, s_coef, region.device)
-            if fused is not None:
-                # one addmm: saved + [c*up_c, s*up_s] @ [down_c; down_s], no dense delta materialised
-                up, down = fused
-                base = saved.to(device=region.device, dtype=torch.float32).reshape(up.shape[0], -1)
-                region.copy_(torch.addmm(base, up, down).reshape(region.shape))
-                return True
-            value = saved.to(device=region.device, dtype=torch.float32, copy=True)  # never alias the host weight
-            value += self._dense(t, c_coef, s_coef, region.device).reshape(region.shape)
-            region.copy_(value)
+            _region(edit.tensor, t.offset).copy_(_region(self._merge(edit.host, wanted), t.offset))
             return True
-
-    @staticmethod
-    def _fused(
-        t: _Target, c_coef: float, s_coef: float, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        ups, downs = [], []
-        for coef, layer in ((c_coef, t.content), (s_coef, t.style)):
-            if coef == 0 or layer is None:
-                continue
-            factors = layer.low_rank(device=device)
-            if factors is None:
-                return None
-            ups.append(factors[0] * coef)
-            downs.append(factors[1])
-        if not ups:
-            return None
-        return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
-
-    @staticmethod
-    def _dense(t: _Target, c_coef: float, s_coef: float, device: torch.device) -> torch.Tensor:
-        out = None
-        for coef, layer in ((c_coef, t.content), (s_coef, t.style)):
-            if coef == 0 or layer is None:
-                continue
-            d = layer.delta(device=device, dtype=torch.float32)  # may share storage with the file's factors
-            out = d * coef if out is None else out.add_(d, alpha=coef)
-        return out
 
     def _apply_hook(self, t: _Target, c_coef: float, s_coef: float) -> None:
         if t.offset is not None and t.offset[0] != 0:
