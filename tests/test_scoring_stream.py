@@ -505,3 +505,45 @@ def test_skewed_columns_are_still_exact() -> None:
         top, total = stream_layer_score(layer, k)
         want = brute(layer, k)
         assert top == pytest.approx(want[0], rel=1e-6) and total == pytest.approx(want[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_element_passes_split_over_threads_give_the_same_scores(monkeypatch, threads: int) -> None:
+    """The numpy passes split by tile rows over the threads torch may use: the selected values are the same as one
+    thread's (bit for bit), sums agree up to fp32 summation order, ties stay exact against brute force."""
+    if not scoring._HOST_NUMPY:
+        pytest.skip("the split is the numpy path's")
+    single = {}
+    gen = _g(11)
+    diff = torch.randint(-3, 4, (160, 37), generator=gen).float()
+    tie_layer = make_layer("full", diff.shape, 37, scale=1.0, diff=diff)
+    layers = {"lora": make_layer("lora", (160, 48), 4, seed=1), "loha": make_layer("loha", (96, 40), 3, seed=2)}
+    layers["ties"] = tie_layer
+    ks = (1, 7, 300)
+    for name, layer in layers.items():
+        for k in ks:
+            single[name, k] = stream_layer_score(layer, k)
+    calls: list[tuple[int, int]] = []
+    real = scoring._abs_sum_max
+
+    def counted(block, tile_max, lo, hi, g):
+        calls.append((lo, hi))
+        return real(block, tile_max, lo, hi, g)
+
+    monkeypatch.setattr(scoring, "_MIN_PART_ELEMS", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(scoring, "_abs_sum_max", counted)
+    for name, layer in layers.items():
+        for k in ks:
+            calls.clear()
+            top, total = stream_layer_score(layer, k)
+            assert len(calls) == threads  # one block, split in `threads` tile ranges
+            assert sorted(calls)[0][0] == 0 and all(a[1] == b[0] for a, b in zip(sorted(calls), sorted(calls)[1:]))
+            want_top, want_total = single[name, k]
+            assert top == want_top, (name, k)
+            assert total == pytest.approx(want_total, rel=1e-6), (name, k)
+            brute_top, brute_total = brute(layer, k)
+            if name == "ties":  # small integers: exact in fp32 and fp64
+                assert (top, total) == (brute_top, brute_total), k
+            else:
+                assert top == pytest.approx(brute_top, rel=2e-6) and total == pytest.approx(brute_total, rel=2e-6)
