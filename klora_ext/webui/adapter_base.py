@@ -94,6 +94,7 @@ class HostAdapter(abc.ABC):
 
     def __init__(self) -> None:
         self.run: KLoraRun | None = None
+        self._noted: set[str] = set()  # notes of this run already logged
 
     # ---- host specific ------------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -144,7 +145,19 @@ class HostAdapter(abc.ABC):
         mapping, content_file, style_file = files
         return HostLayers(mapping, lambda: (content_file, style_file))
 
+    def _clear_run_state(self) -> None:  # noqa: B027 - optional hook
+        """Drop the subclass's per-run state (called when a run ends, also after a failed restore)."""
+
     # ---- shared -------------------------------------------------------------------------------------------------
+    def note_once(self, note: str) -> None:
+        """Log a note and add it to the run's notes (shown with the images), once per run."""
+        if note in self._noted:
+            return
+        self._noted.add(note)
+        logger.info(note)
+        if self.run is not None:
+            self.run.notes.append(note)
+
     def on_denoiser(self, params: Any) -> None:
         run = self.run
         if run is None:
@@ -174,6 +187,8 @@ class HostAdapter(abc.ABC):
             if run is not None and p is None:
                 logger.info("cleaned up the state of an earlier K-LoRA run")
             self.run = None
+            self._noted.clear()
+            self._clear_run_state()
 
 
 def _merge_changes(first: list[Change], later: list[Change]) -> list[Change]:

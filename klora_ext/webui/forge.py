@@ -716,7 +716,6 @@ class ForgeAdapter(HostAdapter):
         self._content_ident: tuple | None = None
         self._host_strength = 0.0
         self._prepared_pass = -1  # run.passes of the pass the layers were brought up to date for (-1: none)
-        self._prompt_notes: set[str] = set()
         self._live_unet: Any = None  # the UNet patcher of the pass being sampled
         self._compute_device = torch.device("cpu")
         self._compute_dtype = torch.float32
@@ -881,7 +880,7 @@ class ForgeAdapter(HostAdapter):
             patches = new.patcher.lora_patches
             mine = [k for k in patches if _same_file(k[0], ref.path)]
             if mine:
-                self._prompt_note(f"the {side} LoRA '{ref.name}' is also in the prompt; K-LoRA applies it instead")
+                self.note_once(f"the {side} LoRA '{ref.name}' is also in the prompt; K-LoRA applies it instead")
             if want[side] and len(mine) == 1 and mine[0][1] == weight and mine[0][2] == 1.0:
                 continue  # already there exactly as we would add it
             for k in mine:
@@ -935,13 +934,11 @@ class ForgeAdapter(HostAdapter):
         patches = clone.lora_patches
         for ident in [k for k in patches if _same_file(k[0], run.style.path)]:
             patches.pop(ident)
-            self._prompt_note(f"the style LoRA '{run.style.name}' is also in the prompt; K-LoRA applies it instead")
+            self.note_once(f"the style LoRA '{run.style.name}' is also in the prompt; K-LoRA applies it instead")
         weight = run.args.content_weight
         mine = [k for k in patches if _same_file(k[0], run.content.path)]
         if mine:
-            self._prompt_note(
-                f"the content LoRA '{run.content.name}' is also in the prompt; K-LoRA applies it instead"
-            )
+            self.note_once(f"the content LoRA '{run.content.name}' is also in the prompt; K-LoRA applies it instead")
         if len(mine) == 1 and mine[0][1] == weight and mine[0][2] == 1.0:
             ident = mine[0]  # exactly what we would add: keep it (same identifier, so Forge's merge cache holds)
         else:
@@ -1188,23 +1185,6 @@ class ForgeAdapter(HostAdapter):
         self._te_clone = None
         if touched:
             logger.debug("restored %d weights/hooks/objects", touched)
-
-    def disarm(self, p: Any = None) -> None:
-        run = self.run
-        if run is not None and p is not None and run.owner is not p:
-            return
-        try:
-            super().disarm(p)
-        finally:
-            self._clear_run_state()
-
-    def _prompt_note(self, note: str) -> None:
-        if note in self._prompt_notes:
-            return
-        self._prompt_notes.add(note)
-        logger.info(note)
-        if self.run is not None:
-            self.run.notes.append(note)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -252,13 +252,13 @@ class LdmPatchedAdapter(HostAdapter):
         self._te_roles: dict[str, int] = {}
         self._targets: dict[str, _Target] = {}
         self._te_entries: dict[str, dict[str, tuple]] = {}
+        self._unet_entries: dict[str, dict[str, tuple]] = {}
         self._model: Any = None
         self._host_unet: Any = None  # the host's UNet patcher of this pass
         self._unet: Any = None  # the patcher sampled with (the host's, or our clone without prompt copies)
         self._te_clone: Any = None
         self._applied: dict[str, int] = {}
         self._prepared_pass = -1
-        self._notes: set[str] = set()
 
     # ---- detection ----------------------------------------------------------------------------------------------
     @classmethod
@@ -371,6 +371,7 @@ class LdmPatchedAdapter(HostAdapter):
         c_unet, c_te = self._host_entries(unet, clip, run.content.path)
         s_unet, s_te = self._host_entries(unet, clip, run.style.path)
         self._te_entries = {"content": c_te, "style": s_te}
+        self._unet_entries = {"content": c_unet, "style": s_unet}
         model = unet.model
         params = dict(model.named_parameters())
         targets: dict[str, _Target] = {}
@@ -405,7 +406,10 @@ class LdmPatchedAdapter(HostAdapter):
     def _file_ids(self, path: str) -> set[int]:
         return {id(t) for t in _networks().load_lora_state_dict(path).values() if isinstance(t, torch.Tensor)}
 
-    def _strip_prompt_copies(self, patches: dict[str, list], p: Any) -> bool:
+    def _strip_prompt_copies(self, patches: dict[str, list], p: Any, hosted: dict[str, dict[str, tuple]]) -> bool:
+        """Remove prompt copies of the two files from one patcher's ``patches``. ``hosted``: the entries the host adds
+        for each file to this patcher (UNet or CLIP); a file with none here has nothing to strip, in the prompt or not
+        (reForge's ``load_lora_for_models`` returns a CLIP clone even for a UNet-only LoRA)."""
         run = self.run
         changed = False
         for side, ref in (("content", run.content), ("style", run.style)):
@@ -413,8 +417,8 @@ class LdmPatchedAdapter(HostAdapter):
             in_prompt = _in_prompt(ref.path)
             if removed:
                 changed = True
-                self._note(f"the {side} LoRA '{ref.name}' is also in the prompt; K-LoRA applies it instead")
-            elif in_prompt:
+                self.note_once(f"the {side} LoRA '{ref.name}' is also in the prompt; K-LoRA applies it instead")
+            elif in_prompt and hosted.get(side):
                 msg = (
                     f"[K-LoRA] the {side} LoRA '{ref.name}' is also in the prompt and K-LoRA cannot tell its "
                     "patches apart; remove it from the prompt (K-LoRA applies both LoRAs itself)"
@@ -438,7 +442,7 @@ class LdmPatchedAdapter(HostAdapter):
         }
         new = clip.clone()
         patches = new.patcher.patches
-        changed = self._strip_prompt_copies(patches, p)
+        changed = self._strip_prompt_copies(patches, p, self._te_entries)
         for side, weight in (("content", run.args.content_weight), ("style", run.args.style_weight)):
             if not want[side] or weight == 0:
                 continue
@@ -487,7 +491,7 @@ class LdmPatchedAdapter(HostAdapter):
             chosen = self._unet  # the same host patcher again (hires): our clone again, so nothing is re-patched
         else:
             clone = unet.clone()
-            chosen = clone if self._strip_prompt_copies(clone.patches, p) else unet
+            chosen = clone if self._strip_prompt_copies(clone.patches, p, self._unet_entries) else unet
             if chosen is clone:
                 _new_patch_version(clone)
                 _LIVE.clones.append(clone)
@@ -621,23 +625,6 @@ class LdmPatchedAdapter(HostAdapter):
         self._host_unet = None
         if touched:
             logger.debug("restored %d weights/objects", touched)
-
-    def disarm(self, p: Any = None) -> None:
-        run = self.run
-        if run is not None and p is not None and run.owner is not p:
-            return
-        try:
-            super().disarm(p)
-        finally:
-            self._clear_run_state()
-
-    def _note(self, note: str) -> None:
-        if note in self._notes:
-            return
-        self._notes.add(note)
-        logger.info(note)
-        if self.run is not None:
-            self.run.notes.append(note)
 
 
 # ---------------------------------------------------------------------------------------------------------------
