@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import math
-import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -417,72 +414,25 @@ def stream_layer_score(
 
 
 def _host_block(block: np.ndarray, select: _HostSelector | None, complement: bool) -> float:
-    """One CPU block: |.| in place, its fp32 sum, tile maxima and candidates, in numpy.
+    """One CPU block: |.| in place, its fp32 sum, tile maxima and candidates, all in numpy on the calling thread.
 
-    numpy runs these passes without torch's thread pool: no thread-pool barriers, which cost torch ~2 ms each when
-    the cores are shared (several per block: SDXL scoring went from ~5 s to ~45 s under load), and no change to
-    torch's process-wide thread count. The passes over the elements (|.|, sum, tile maxima) are split by rows over
-    as many threads as torch may use (numpy releases the GIL in them); candidates are then taken on this thread, in
-    block order, so the selection is the same whatever the split. The product itself (``fill``) stays a torch
-    matmul on torch's threads.
+    numpy runs these passes single-threaded: no thread-pool barriers, which cost torch ~2 ms each when the cores are
+    shared (several per block: SDXL scoring went from ~5 s to ~45 s under load), and no change to torch's
+    process-wide thread count. The product itself (``fill``) stays a torch matmul on torch's threads.
     """
-    n_rows, cols = block.shape
-    g = TILE_ROWS if n_rows % TILE_ROWS == 0 else n_rows
-    parts = _row_parts(n_rows // g, cols) if select is not None and not complement else [(0, n_rows // g)]
-    tile_max = np.empty((n_rows // g, cols), np.float32) if select is not None and not complement else None
-    if len(parts) == 1:
-        total = _abs_sum_max(block, tile_max, 0, n_rows // g, g)
-    else:
-        pool = _passes_pool(len(parts) - 1)
-        futures = [pool.submit(_abs_sum_max, block, tile_max, lo, hi, g) for lo, hi in parts[1:]]
-        first = _abs_sum_max(block, tile_max, *parts[0], g)
-        total = math.fsum([first, *(f.result() for f in futures)])
+    np.abs(block, out=block)
+    total = float(block.sum(dtype=np.float32))
     if select is not None:
-        tiles = block.reshape(n_rows // g, g, cols)
+        n_rows, cols = block.shape
+        g = TILE_ROWS if n_rows % TILE_ROWS == 0 else n_rows
         if complement:
             neg = np.negative(block)  # the largest of -|x| are the smallest |x|
-            neg_tiles = neg.reshape(n_rows // g, g, cols)
-            select.add(neg, neg_tiles.max(axis=1), neg_tiles)
+            tiles = neg.reshape(n_rows // g, g, cols)
+            select.add(neg, tiles.max(axis=1), tiles)
         else:
-            select.add(block, tile_max, tiles)
+            tiles = block.reshape(n_rows // g, g, cols)
+            select.add(block, tiles.max(axis=1), tiles)
     return total
-
-
-def _abs_sum_max(block: np.ndarray, tile_max: np.ndarray | None, lo: int, hi: int, g: int) -> float:
-    """Tiles lo..hi of a block (g rows each): |.| in place, fp32 sum, and each tile's maximum into tile_max."""
-    x = block[lo * g : hi * g]
-    np.abs(x, out=x)
-    if tile_max is not None:
-        np.max(x.reshape(hi - lo, g, x.shape[1]), axis=1, out=tile_max[lo:hi])
-    return float(x.sum(dtype=np.float32))
-
-
-# below this many elements per thread the hand-off costs more than the pass (tens of microseconds)
-_MIN_PART_ELEMS = 1 << 17
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-_POOL_LOCK = threading.Lock()
-
-
-def _row_parts(n_tiles: int, cols: int) -> list[tuple[int, int]]:
-    """Tile ranges for the element passes: one per thread torch may use, none smaller than _MIN_PART_ELEMS."""
-    threads = max(1, torch.get_num_threads())
-    n = max(1, min(threads, n_tiles * TILE_ROWS * cols // _MIN_PART_ELEMS, n_tiles))
-    bounds = [n_tiles * i // n for i in range(n + 1)]
-    return list(itertools.pairwise(bounds))
-
-
-def _passes_pool(workers: int) -> ThreadPoolExecutor:
-    """Worker threads for the element passes (the calling thread takes the first part), made once."""
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is None or workers > _POOL_SIZE:
-            old = _POOL
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="klora-score")
-            _POOL_SIZE = workers
-            if old is not None:
-                old.shutdown(wait=False)
-        return _POOL
 
 
 def compute_scores(
