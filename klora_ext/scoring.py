@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -126,7 +127,11 @@ BLOCK_ELEMS_CPU = 1 << 21
 BLOCK_ELEMS_CUDA = 1 << 24  # few launches per layer; 64 MiB per block
 TILE_ROWS = 16
 _GPU_MIN_FREE = 512 * 2**20  # free memory needed to score on the GPU: a few blocks plus one layer's factors
-_HOST_NUMPY = True  # CPU fp32 blocks: block passes in numpy (_host_block); False: the torch path CUDA uses
+_HOST_NUMPY = True  # CPU fp32 blocks: block passes in numpy (_host_block) by default; False: the torch path CUDA uses
+# Layers of at least this many elements may take either CPU path, whichever is faster now (_CpuPathChooser); below
+# it the per-op overhead dominates and the numpy path (no thread-pool barrier) is always used.
+ADAPT_MIN_ELEMS = 1 << 18
+ADAPT = True  # False: always the default path above (fixed results whatever the machine's load)
 _MERGE_SLACK = 1 << 12  # pending candidates beyond k before they are merged down to k
 
 
@@ -360,6 +365,8 @@ def stream_layer_score(
     dtype: torch.dtype | None = torch.float32,
     apply_scale: bool = True,
     block_elems: int | None = None,
+    path: str | None = None,
+    stats: list[float] | None = None,
 ) -> tuple[float, float]:
     """(sum of the k largest |delta|, sum |delta|) of one layer without allocating its full delta.
 
@@ -367,8 +374,12 @@ def stream_layer_score(
     ``dtype`` (None: the file's own factor dtype). The layer's scale (alpha/rank or ``scale`` key) is applied to the
     few selected values and to the sum, not to every element: |x * s| rounds like |x| * |s|, so the top-k values are
     the same numbers as those of the scaled dense delta. ``apply_scale=False`` scores the raw factor product.
-    Non-finite input gives a non-finite result (the caller reports it).
+    Non-finite input gives a non-finite result (the caller reports it). ``path`` ("numpy" / "torch"): the CPU fp32
+    block passes (default: ``_HOST_NUMPY``); the selected values are the same on both, sums differ only by fp32
+    summation order. ``stats``: the seconds spent outside the products are appended to it.
     """
+    started = time.perf_counter()
+    in_fill = 0.0
     dtype = dtype or next(iter(layer.factors.values())).dtype
     scale = abs(layer.scale) if apply_scale else 1.0
     with torch.no_grad():
@@ -381,14 +392,17 @@ def stream_layer_score(
         buf = torch.empty((ranges[0][1] - ranges[0][0]) * cols, device=device, dtype=dtype)
         # k close to numel: select the (numel - k) smallest instead and subtract them from the total (bounded memory)
         complement = 2 * k > numel
-        host = _HOST_NUMPY and torch.device(device).type == "cpu" and dtype == torch.float32
+        numpy_path = _HOST_NUMPY if path is None else path == "numpy"
+        host = numpy_path and torch.device(device).type == "cpu" and dtype == torch.float32
         n_select = numel - k if complement else k
         select = (_HostSelector if host else _Selector)(n_select) if n_select > 0 else None
         sums: list[Any] = []  # fp32 sums per block: floats (numpy path) or 0-d tensors
         for start, stop in ranges:
             n_rows = stop - start
             block = buf[: n_rows * cols].view(n_rows, cols)
+            t0 = time.perf_counter()
             fill(start, stop, block)
+            in_fill += time.perf_counter() - t0
             if host:
                 sums.append(_host_block(block.numpy(), select, complement))
                 continue
@@ -405,12 +419,14 @@ def stream_layer_score(
                 select.add(block, tiles.amax(1), tiles)
         total = math.fsum(sums) if host else float(torch.stack(sums).double().sum())
         if select is None:
-            top = total
+            top = total * scale
         elif complement:
-            top = total + select.total()  # total - (sum of the numel - k smallest)
+            top = (total + select.total()) * scale  # total - (sum of the numel - k smallest)
         else:
-            return select.total(scale), total * scale
-    return top * scale, total * scale
+            top = select.total(scale)
+    if stats is not None:
+        stats.append(time.perf_counter() - started - in_fill)
+    return top, total * scale
 
 
 def _host_block(block: np.ndarray, select: _HostSelector | None, complement: bool) -> float:
@@ -521,17 +537,18 @@ def _score_jobs(
 ) -> list[tuple[float, float, float, float]]:
     """(S_c, sum|dW_c|, S_s, sum|dW_s|) per (layer id, K), in order, one layer at a time on the calling thread.
 
-    On the CPU the block ops use torch's own intra-op threads as configured; the thread count is never changed (it
-    is process-wide, and a generation may be running in another thread). Blocks are big enough (BLOCK_ELEMS_CPU)
-    that the per-op thread barriers cost little. On CUDA, running out of memory sends the remaining layers to the CPU.
+    On the CPU the products use torch's own intra-op threads as configured; the thread count is never changed (it
+    is process-wide, and a generation may be running in another thread). The element passes take the faster CPU
+    path of the moment (_CpuPathChooser). On CUDA, running out of memory sends the remaining layers to the CPU.
     """
     out: list[tuple[float, float, float, float]] = []
+    chooser = _CpuPathChooser() if ADAPT and torch.device(device).type == "cpu" else None
     for index, (layer_id, k) in enumerate(jobs):
         if progress is not None:
             progress(index, len(jobs), layer_id)
         try:
-            sc, ac = _checked_score(content, layer_id, k, device)
-            ss, as_ = _checked_score(style, layer_id, k, device)
+            sc, ac = _checked_score(content, layer_id, k, device, chooser)
+            ss, as_ = _checked_score(style, layer_id, k, device, chooser)
         except torch.cuda.OutOfMemoryError:
             logger.warning("out of memory on %s at layer %s: scoring the rest on the CPU", device, layer_id)
             torch.cuda.empty_cache()
@@ -540,8 +557,55 @@ def _score_jobs(
     return out
 
 
-def _checked_score(lora: LoraFile, layer_id: str, k: int, device: str | torch.device) -> tuple[float, float]:
-    top, total = stream_layer_score(lora.layers[layer_id], k, device=device)
+class _CpuPathChooser:
+    """Which CPU path runs the element passes (|.|, sum, tile maxima, candidates) of the big layers faster right now:
+    torch's ops (each on torch's intra-op threads: the fastest on an otherwise idle machine, about 1.2x the bare
+    products on SDXL) or numpy's (one thread, no thread-pool barrier: several times faster when other processes hold
+    the cores, where every torch op waits for its slowest thread). Measured on the layers being scored (seconds per
+    element outside the products); the path not in use is tried again after 8, 16, 32, ... layers."""
+
+    def __init__(self) -> None:
+        self.cost: dict[str, float | None] = {"torch": None, "numpy": None}
+        self.current = "torch"
+        self.interval = 8
+        self.count = 0
+        self.next_try = 0
+
+    def pick(self, numel: int) -> str | None:
+        if numel < ADAPT_MIN_ELEMS:
+            return None  # the default path
+        other = "numpy" if self.current == "torch" else "torch"
+        if self.cost[self.current] is not None and (self.cost[other] is None or self.count >= self.next_try):
+            return other
+        return self.current
+
+    def record(self, path: str | None, numel: int, seconds: float) -> None:
+        if path is None:
+            return
+        cost = seconds / numel
+        old = self.cost[path]
+        self.cost[path] = cost if old is None else (old + cost) / 2
+        self.count += 1
+        if path == self.current:
+            return
+        if cost < self.cost[self.current]:
+            self.current, self.interval = path, 8
+        else:
+            self.interval *= 2
+        self.next_try = self.count + self.interval
+
+
+def _checked_score(
+    lora: LoraFile, layer_id: str, k: int, device: str | torch.device, chooser: _CpuPathChooser | None = None
+) -> tuple[float, float]:
+    layer = lora.layers[layer_id]
+    if chooser is None:
+        top, total = stream_layer_score(layer, k, device=device)
+    else:
+        numel = math.prod(layer.shape)
+        path, stats = chooser.pick(numel), []
+        top, total = stream_layer_score(layer, k, device=device, path=path, stats=stats)
+        chooser.record(path, numel, stats[0])
     # a non-finite sum means a NaN/Inf element (or an overflowing product): cheaper than a separate isfinite pass
     if not (math.isfinite(total) and math.isfinite(top)):
         msg = f"[K-LoRA] '{lora.name}' has NaN/Inf weights at layer {layer_id}; the file is damaged"

@@ -505,3 +505,70 @@ def test_skewed_columns_are_still_exact() -> None:
         top, total = stream_layer_score(layer, k)
         want = brute(layer, k)
         assert top == pytest.approx(want[0], rel=1e-6) and total == pytest.approx(want[1], rel=1e-6)
+
+
+def test_cpu_path_chooser_takes_the_faster_path_and_retries_the_other_less_often() -> None:
+    """Hand-worked sequence: torch first, numpy tried on the next big layer, the cheaper one kept; a losing try
+    doubles the wait before the next (8, 16, ...); layers below ADAPT_MIN_ELEMS always take the default path."""
+    chooser = scoring._CpuPathChooser()
+    n = scoring.ADAPT_MIN_ELEMS
+    assert chooser.pick(n - 1) is None
+    picks = []
+
+    def step(cost: dict[str, float]) -> None:
+        path = chooser.pick(n)
+        picks.append(path)
+        chooser.record(path, n, cost[path] * n)
+
+    slow_torch = {"torch": 3.0, "numpy": 1.0}  # others hold the cores: torch's ops wait for their slowest thread
+    step(slow_torch)
+    step(slow_torch)
+    assert picks == ["torch", "numpy"] and chooser.current == "numpy"
+    for _ in range(9):
+        step(slow_torch)
+    assert picks[2:] == ["numpy"] * 8 + ["torch"]  # torch tried again after 8 layers, lost
+    assert chooser.current == "numpy" and chooser.interval == 16
+    for _ in range(17):
+        step(slow_torch)
+    assert picks[11:] == ["numpy"] * 16 + ["torch"] and chooser.interval == 32
+    idle = {"torch": 0.5, "numpy": 1.0}  # the load went away: the next try of torch wins and torch is kept
+    for _ in range(33):
+        step(idle)
+    assert picks[28:] == ["numpy"] * 32 + ["torch"]
+    assert chooser.current == "torch" and chooser.interval == 8
+    for _ in range(8):
+        step(idle)
+    assert picks[61:] == ["torch"] * 8
+
+
+def test_adaptive_cpu_paths_give_the_brute_force_scores(monkeypatch) -> None:
+    """With the chooser switching paths mid-run (numpy made to look cheap, then torch), every layer's scores still
+    equal brute force, and the selected sums equal those of a fixed-path run."""
+    if not scoring._HOST_NUMPY:
+        pytest.skip("the chooser's default path is numpy")
+    content, style = _big_pair()
+    fixed_scores = None
+    with monkeypatch.context() as m:
+        m.setattr(scoring, "ADAPT", False)
+        fixed_scores = compute_scores(content, style)
+    used: list[str | None] = []
+    real = scoring.stream_layer_score
+
+    def spy(layer, k, **kw):
+        used.append(kw.get("path"))
+        out = real(layer, k, **kw)
+        if kw.get("stats") is not None and kw.get("path") == "torch":
+            kw["stats"][-1] *= 100  # torch looks slow: the chooser must move to numpy
+        return out
+
+    monkeypatch.setattr(scoring, "ADAPT_MIN_ELEMS", 1 << 14)
+    monkeypatch.setattr(scoring, "stream_layer_score", spy)
+    got = compute_scores(content, style)
+    assert "torch" in used and "numpy" in used
+    for s, f in zip(got.layers, fixed_scores.layers):
+        assert s.id == f.id and s.k == f.k
+        assert s.score_content == f.score_content and s.score_style == f.score_style  # the same selected values
+        assert s.sum_abs_content == pytest.approx(f.sum_abs_content, rel=1e-6)
+        want_c, want_s = brute(content.layers[s.id], s.k), brute(style.layers[s.id], s.k)
+        assert s.score_content == pytest.approx(want_c[0], rel=2e-6)
+        assert s.score_style == pytest.approx(want_s[0], rel=2e-6)
