@@ -154,18 +154,18 @@ def _half_factors(wa: torch.Tensor, wb: torch.Tensor, t: torch.Tensor | None) ->
     return _mat(wa).t(), torch.einsum("ijkl,jn->inkl", t, _mat(wb)).reshape(t.shape[0], -1)
 
 
-def _convert(t: torch.Tensor, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _convert(t: torch.Tensor, device: str | torch.device, dtype: torch.dtype, numpy_path: bool) -> torch.Tensor:
     on_host = t.device.type == "cpu" and torch.device(device).type == "cpu"
-    if _HOST_NUMPY and on_host and dtype == torch.float32 and t.dtype in (torch.float16, torch.float32, torch.float64):
+    if numpy_path and on_host and dtype == torch.float32 and t.dtype in (torch.float16, torch.float32, torch.float64):
         # numpy converts on this thread; torch's .to would use its thread pool (see _host_block)
         return torch.from_numpy(t.detach().numpy().astype(np.float32))
     return t.to(device=device, dtype=dtype)
 
 
-def _row_source(layer: LoraLayer, device: str | torch.device, dtype: torch.dtype):
+def _row_source(layer: LoraLayer, device: str | torch.device, dtype: torch.dtype, numpy_path: bool = True):
     """(rows, cols, fill) where fill(start, stop, out) writes rows [start, stop) of the unscaled delta, flattened to
     (out, in*kh*kw), into ``out``. Factor-sized intermediates only (never delta-sized)."""
-    f = {name: _convert(t, device, dtype) for name, t in layer.factors.items()}
+    f = {name: _convert(t, device, dtype, numpy_path) for name, t in layer.factors.items()}
     rows, cols = layer.shape[0], math.prod(layer.shape[1:])
     if layer.kind in ("lora", "locon"):
         up, down = _mat(f["up"]), _mat(f["down"])
@@ -265,8 +265,9 @@ class _Selector:
         self.parts: list[torch.Tensor] = []
         self.pending = 0
 
-    def add(self, block: torch.Tensor, tile_max: torch.Tensor, tiles: torch.Tensor) -> None:
-        """block: absolute values; tile_max (S, C): the maximum of each tile tiles[s, :, c]."""
+    def add(self, block: torch.Tensor, tile_max: torch.Tensor, tiles: torch.Tensor, last: bool = False) -> None:
+        """block: absolute values; tile_max (S, C): the maximum of each tile tiles[s, :, c]. ``last``: no block
+        follows (the early merge, which only helps later blocks, is left to ``total``)."""
         first = self.t is None
         if first:
             if tile_max.numel() < self.k:
@@ -276,7 +277,7 @@ class _Selector:
         if not float(tile_max.max()) > self.t:
             return
         s, c = torch.nonzero(tile_max > self.t, as_tuple=True)
-        self._push(tiles[s, :, c].reshape(-1), merge=first)
+        self._push(tiles[s, :, c].reshape(-1), merge=first and not last)
 
     def _push(self, values: torch.Tensor, *, merge: bool = False) -> None:
         self.parts.append(values)
@@ -314,7 +315,9 @@ class _Selector:
 class _HostSelector(_Selector):
     """_Selector on numpy arrays (the CPU path): the same invariant and exact result, no torch op at all."""
 
-    def add(self, block: np.ndarray, tile_max: np.ndarray, tiles: np.ndarray) -> None:  # type: ignore[override]
+    def add(  # type: ignore[override]
+        self, block: np.ndarray, tile_max: np.ndarray, tiles: np.ndarray, last: bool = False
+    ) -> None:
         first = self.t is None
         if first:
             if tile_max.size < self.k:
@@ -325,7 +328,7 @@ class _HostSelector(_Selector):
             return
         s, c = np.nonzero(tile_max > self.t)
         values = tiles[s, :, c].reshape(-1)
-        self._push(values[values > self.t], merge=first)  # values <= t are never needed
+        self._push(values[values > self.t], merge=first and not last)  # values <= t are never needed
 
     def _push(self, values: np.ndarray, *, merge: bool = False) -> None:  # type: ignore[override]
         self.parts.append(values)
@@ -383,7 +386,8 @@ def stream_layer_score(
     dtype = dtype or next(iter(layer.factors.values())).dtype
     scale = abs(layer.scale) if apply_scale else 1.0
     with torch.no_grad():
-        rows, cols, fill = _row_source(layer, device, dtype)
+        numpy_path = _HOST_NUMPY if path is None else path == "numpy"
+        rows, cols, fill = _row_source(layer, device, dtype, numpy_path)
         numel = rows * cols
         k = max(1, min(int(k), numel))
         if block_elems is None:
@@ -392,19 +396,19 @@ def stream_layer_score(
         buf = torch.empty((ranges[0][1] - ranges[0][0]) * cols, device=device, dtype=dtype)
         # k close to numel: select the (numel - k) smallest instead and subtract them from the total (bounded memory)
         complement = 2 * k > numel
-        numpy_path = _HOST_NUMPY if path is None else path == "numpy"
         host = numpy_path and torch.device(device).type == "cpu" and dtype == torch.float32
         n_select = numel - k if complement else k
         select = (_HostSelector if host else _Selector)(n_select) if n_select > 0 else None
         sums: list[Any] = []  # fp32 sums per block: floats (numpy path) or 0-d tensors
-        for start, stop in ranges:
+        for index, (start, stop) in enumerate(ranges):
+            last = index == len(ranges) - 1
             n_rows = stop - start
             block = buf[: n_rows * cols].view(n_rows, cols)
             t0 = time.perf_counter()
             fill(start, stop, block)
             in_fill += time.perf_counter() - t0
             if host:
-                sums.append(_host_block(block.numpy(), select, complement))
+                sums.append(_host_block(block.numpy(), select, complement, last))
                 continue
             block.abs_()
             sums.append(block.sum(dtype=torch.float32))  # fp32 per block (a double sum would copy it), fp64 across
@@ -414,9 +418,9 @@ def stream_layer_score(
             tiles = block.view(n_rows // g, g, cols)
             if complement:
                 neg = tiles.neg()  # the largest of -|x| are the smallest |x|
-                select.add(neg, neg.amax(1), neg)
+                select.add(neg, neg.amax(1), neg, last=last)
             else:
-                select.add(block, tiles.amax(1), tiles)
+                select.add(block, tiles.amax(1), tiles, last=last)
         total = math.fsum(sums) if host else float(torch.stack(sums).double().sum())
         if select is None:
             top = total * scale
@@ -429,7 +433,7 @@ def stream_layer_score(
     return top, total * scale
 
 
-def _host_block(block: np.ndarray, select: _HostSelector | None, complement: bool) -> float:
+def _host_block(block: np.ndarray, select: _HostSelector | None, complement: bool, last: bool = False) -> float:
     """One CPU block: |.| in place, its fp32 sum, tile maxima and candidates, all in numpy on the calling thread.
 
     numpy runs these passes single-threaded: no thread-pool barriers, which cost torch ~2 ms each when the cores are
@@ -444,10 +448,10 @@ def _host_block(block: np.ndarray, select: _HostSelector | None, complement: boo
         if complement:
             neg = np.negative(block)  # the largest of -|x| are the smallest |x|
             tiles = neg.reshape(n_rows // g, g, cols)
-            select.add(neg, tiles.max(axis=1), tiles)
+            select.add(neg, tiles.max(axis=1), tiles, last=last)
         else:
             tiles = block.reshape(n_rows // g, g, cols)
-            select.add(block, tiles.max(axis=1), tiles)
+            select.add(block, tiles.max(axis=1), tiles, last=last)
     return total
 
 
