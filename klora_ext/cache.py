@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,10 @@ class ScoreCache:
 
         ``mapping``/``options``: see :func:`pair_key`. ``compute(content_path, style_path, sha_content, sha_style)``:
         how a host adapter scores the pair with its own layer mapping (default: this package's reader + scoring)."""
-        sha_content, sha_style = self.file_hash(content_path), self.file_hash(style_path)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # a new file is hashed on both cores (hashlib drops the GIL)
+            style_sha = pool.submit(self.file_hash, style_path)
+            sha_content = self.file_hash(content_path)
+            sha_style = style_sha.result()
         key = pair_key(sha_content, sha_style, k_multiplier, reference, mapping=mapping, options=options)
         cached = self.get(key)
         if cached is not None:
