@@ -216,6 +216,29 @@ def test_text_encoder_gets_the_static_sides_and_is_restored(ldm: World) -> None:
     assert_equal_state(ldm.snapshot(), ldm.pristine)
 
 
+def test_unet_only_style_lora_in_the_prompt_keeps_the_text_encoder_policy(ldm: World) -> None:
+    """reForge's load_lora_for_models returns a CLIP clone even for a LoRA with no text-encoder keys (Classic's
+    fake does too): a UNet-only style LoRA in the prompt has nothing to strip on the CLIP side, so the content's
+    text-encoder part is applied exactly as without the prompt copy (seen live on reForge: K-LoRA's TE entries were
+    dropped by a "cannot tell its patches apart" error)."""
+    ldm.add_lora("style_unet", [i for i in UNET_SHAPES if i != CONTENT_ONLY], rank=3, seed=4, alpha=None)
+    ldm.host.networks.list_available_networks()
+    args = {"style": "style_unet", "te_policy": "both"}
+    plain = ldm.txt2img(steps=2)
+    ldm.generate(plain, [(ldm.direct(LdmPatchedAdapter(), default_args(**args)), [])])
+    adapter = LdmPatchedAdapter()
+    te_clone_seen: list[bool] = []
+    ldm.host.probes.append(lambda d: te_clone_seen.append(adapter._te_clone is not None))
+    try:
+        copy = ldm.txt2img(steps=2, prompt_loras=[("style_unet", 0.4)])
+        ldm.generate(copy, [(ldm.direct(adapter, default_args(**args)), [])])
+    finally:
+        ldm.host.probes.pop()
+    assert te_clone_seen and all(te_clone_seen)
+    assert torch.equal(copy.c, plain.c)  # the content's TE delta, the prompt copy taken over
+    assert_equal_state(ldm.snapshot(), ldm.pristine)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # errors, interrupts, unloads
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,8 +31,9 @@ Mechanism (``shared/docs/research/forge-internals.md`` §6):
   ``forge_objects_after_applying_lora`` right after the LoRA activation (before conds are computed); the cond caches
   are invalidated when it is swapped in and out.
 
-The older ``ldm_patched`` backends (Forge before August 2024, reForge ``main``, Forge Classic) are detected and refused
-with a message naming what is supported (``unsupported_reason``).
+The ``ldm_patched`` backends (reForge ``main``, Forge Classic) are served by ``ldm_patched.py``; an ``ldm_patched``
+build that adapter does not recognise (e.g. Forge before August 2024) gets a message naming what is supported
+(``unsupported_reason``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a live WebUI for the integration tiers, in the background, holding the machine's one-server lock.
 #
-#   tests/integration/start_server.sh a1111|forge|neo|classic [extra launch.py flags...]
+#   tests/integration/start_server.sh a1111|forge|neo|classic|reforge [extra launch.py flags...]
 #
 # Prints the URL (last line of stdout) once the API answers and a 1-step 64x64 txt2img has loaded the checkpoint;
 # exits non-zero with the log tail if the server dies or is not ready in time. Stop it with stop_server.sh.
@@ -11,12 +11,13 @@
 # Environment (defaults in brackets):
 #   KLORA_CKPT      checkpoint [/work/webui/models/Stable-diffusion/random-sd15.safetensors]
 #   KLORA_LORA_DIR  LoRA folder [/work/webui/models/Lora]
-#   KLORA_PORT      [7860 for a1111, 7861 for forge, 7862 for neo, 7863 for classic]
+#   KLORA_PORT      [7860 for a1111, 7861 for forge, 7862 for neo, 7863 for classic, 7864 for reforge]
 #   KLORA_LOCK_WAIT seconds to wait for another helper's server to stop [3600]
 #   KLORA_READY_WAIT seconds to wait for readiness [1800]
 #   KLORA_CACHE_PATH K-LoRA score cache used by the server [/tmp/klora-cache/scores.json]
 #   KLORA_WEBUI_DIR / KLORA_WEBUI_VENV [/work/webui, /work/webui-venv]; KLORA_FORGE_DIR / KLORA_FORGE_VENV likewise,
 #   KLORA_NEO_DIR / KLORA_NEO_VENV [/work/neo, /work/neo-venv], KLORA_CLASSIC_DIR / KLORA_CLASSIC_VENV likewise
+#   KLORA_REFORGE_DIR / KLORA_REFORGE_VENV [/work/reforge, /work/reforge-venv]
 set -euo pipefail
 
 HOST=${1:-}
@@ -58,16 +59,23 @@ neo)
         --ckpt-dirs "$CKPT_ONLY" --lora-dir "$LORA_DIR"
         --attention-pytorch)  # Neo 7862a96's basic/split attention read args.dont_upcast_attention, which its parser lacks (HTTP 500)
     ;;
-classic)
-    DIR=${KLORA_CLASSIC_DIR:-/work/classic}
-    PY=${KLORA_CLASSIC_VENV:-/work/classic-venv}/bin/python
-    PORT=${KLORA_PORT:-7863}
+classic | reforge)
+    # Forge Classic and reForge main (Panchovix) take the same flags (the same cmd_args / ldm_patched argument names)
+    if [ "$HOST" = classic ]; then
+        DIR=${KLORA_CLASSIC_DIR:-/work/classic}
+        PY=${KLORA_CLASSIC_VENV:-/work/classic-venv}/bin/python
+        PORT=${KLORA_PORT:-7863}
+    else
+        DIR=${KLORA_REFORGE_DIR:-/work/reforge}
+        PY=${KLORA_REFORGE_VENV:-/work/reforge-venv}/bin/python
+        PORT=${KLORA_PORT:-7864}
+    fi
     FLAGS=(--skip-prepare-environment --skip-install --skip-torch-cuda-test --skip-version-check
         --skip-python-version-check --always-cpu --all-in-fp32 --api --port "$PORT"
         --ckpt-dir "$(dirname "$CKPT")" --ckpt "$CKPT" --lora-dir "$LORA_DIR" --no-download-sd-model)
     ;;
 *)
-    echo "usage: $0 a1111|forge|neo|classic [extra launch.py flags...]" >&2
+    echo "usage: $0 a1111|forge|neo|classic|reforge [extra launch.py flags...]" >&2
     exit 2
     ;;
 esac
