@@ -118,11 +118,19 @@ class LiveTier:
         assert "K-LoRA skipped" not in result["parsed_info"]["infotexts"][0]
         assert server.txt2img(seed=21, **hires)["images"][0] == plain  # exact restore after a two-pass run
 
-    def test_style_in_the_prompt_is_taken_over(self, server):
-        a = server.txt2img(seed=31, prompt=f"a photo <lora:{STYLE}:0.6>", **klora([KLORA]))
-        b = server.txt2img(seed=31, **klora([KLORA]))
+    @pytest.mark.parametrize("side", ["style", "content"])
+    def test_prompt_copy_is_taken_over(self, server, side):
+        name, seed = (STYLE, 31) if side == "style" else (CONTENT, 32)
+        a = server.txt2img(seed=seed, prompt=f"a photo <lora:{name}:0.6>", **klora([KLORA]))
+        b = server.txt2img(seed=seed, **klora([KLORA]))
         assert len(a["images"]) == 1, a["parsed_info"].get("extra_generation_params")
         assert np.array_equal(decode(a["images"][0]), decode(b["images"][0]))
+
+    def test_images_are_not_flat(self, server):
+        # the pixel-equality checks prove nothing on black (NaN) or flat images
+        plain = decode(server.txt2img(seed=12)["images"][0]).astype(np.float64)
+        ours = decode(server.txt2img(seed=12, **klora([KLORA]))["images"][0]).astype(np.float64)
+        assert plain.std() > 1 and ours.std() > 1, (plain.std(), ours.std())
 
     def test_invalid_payload_is_refused_with_422_naming_the_field(self, server):
         klora_live.check_invalid_payload_refused(server, KLORA, CONTENT)

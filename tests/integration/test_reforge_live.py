@@ -8,9 +8,9 @@ Environment: ``KLORA_REFORGE_URL`` (required, else skipped), ``KLORA_CONTENT`` /
 its ldm_patched adapter, so the version endpoint must report ``ldm_patched``. The checks are in forks_live.py; only
 the X/Y/Z one is rewritten here: reForge's ``scripts/xyz_grid.py`` takes 21 arguments (it adds "Draw individual
 labels", "Skip final grid generation" and "Items per grid" after "Draw legend"), not A1111's 18, so the script's
-arguments are built from the labels ``/sdapi/v1/script-info`` reports. One check is added: the content LoRA in the
-prompt is taken over too (with a content LoRA that has text-encoder layers, e.g. ``KLORA_CONTENT=klora_it_content_te``,
-this covers stripping the prompt copy from the CLIP patcher as well as from the UNet patcher).
+arguments are built from the labels ``/sdapi/v1/script-info`` reports. With a content LoRA that has text-encoder
+layers (e.g. ``KLORA_CONTENT=klora_it_content_te``) the prompt-copy checks cover stripping the copy from the CLIP
+patcher as well as from the UNet patcher.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 import pytest
-from forks_live import CONTENT, KLORA, LiveTier
+from forks_live import KLORA, LiveTier
 from klora_live import decode, klora
 
 pytestmark = [pytest.mark.integration]
@@ -57,15 +57,3 @@ class TestReForgeLive(LiveTier):
         assert len(result["images"]) == 3 and len(cells) == 2  # the grid, then one image per value
         assert "K-LoRA alpha: 1" in cells[0] and "K-LoRA alpha: 2" in cells[1]
         assert not np.array_equal(decode(result["images"][1]), decode(result["images"][2]))
-
-    def test_content_in_the_prompt_is_taken_over(self, server):
-        a = server.txt2img(seed=32, prompt=f"a photo <lora:{CONTENT}:0.6>", **klora([KLORA]))
-        b = server.txt2img(seed=32, **klora([KLORA]))
-        assert len(a["images"]) == 1, a["parsed_info"].get("extra_generation_params")
-        assert np.array_equal(decode(a["images"][0]), decode(b["images"][0]))
-
-    def test_images_are_not_flat(self, server):
-        # the pixel-equality checks prove nothing on black (NaN) or flat images
-        plain = decode(server.txt2img(seed=12)["images"][0]).astype(np.float64)
-        ours = decode(server.txt2img(seed=12, **klora([KLORA]))["images"][0]).astype(np.float64)
-        assert plain.std() > 1 and ours.std() > 1, (plain.std(), ours.std())
