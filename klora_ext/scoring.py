@@ -131,6 +131,7 @@ _HOST_NUMPY = True  # CPU fp32 blocks: block passes in numpy (_host_block) by de
 # Layers of at least this many elements may take either CPU path, whichever is faster now (_CpuPathChooser); below
 # it the per-op overhead dominates and the numpy path (no thread-pool barrier) is always used.
 ADAPT_MIN_ELEMS = 1 << 18
+_ADAPT_MAX_INTERVAL = 64  # layers between tries of the other path at most: a load that comes and goes is followed
 ADAPT = True  # False: always the default path above (fixed results whatever the machine's load)
 _MERGE_SLACK = 1 << 12  # pending candidates beyond k before they are merged down to k
 
@@ -566,10 +567,12 @@ class _CpuPathChooser:
     torch's ops (each on torch's intra-op threads: the fastest on an otherwise idle machine, about 1.2x the bare
     products on SDXL) or numpy's (one thread, no thread-pool barrier: several times faster when other processes hold
     the cores, where every torch op waits for its slowest thread). Measured on the layers being scored (seconds per
-    element outside the products); the path not in use is tried again after 8, 16, 32, ... layers."""
+    element outside the products; each path's first layer is not counted: thread pools start and buffers are first
+    touched there); the path not in use is tried again after 8, 16, 32, 64, 64, ... layers."""
 
     def __init__(self) -> None:
         self.cost: dict[str, float | None] = {"torch": None, "numpy": None}
+        self.seen = {"torch": 0, "numpy": 0}
         self.current = "torch"
         self.interval = 8
         self.count = 0
@@ -586,6 +589,9 @@ class _CpuPathChooser:
     def record(self, path: str | None, numel: int, seconds: float) -> None:
         if path is None:
             return
+        self.seen[path] += 1
+        if self.seen[path] == 1:
+            return  # warm-up
         cost = seconds / numel
         old = self.cost[path]
         self.cost[path] = cost if old is None else (old + cost) / 2
@@ -595,7 +601,7 @@ class _CpuPathChooser:
         if cost < self.cost[self.current]:
             self.current, self.interval = path, 8
         else:
-            self.interval *= 2
+            self.interval = min(2 * self.interval, _ADAPT_MAX_INTERVAL)
         self.next_try = self.count + self.interval
 
 

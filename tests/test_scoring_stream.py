@@ -508,8 +508,9 @@ def test_skewed_columns_are_still_exact() -> None:
 
 
 def test_cpu_path_chooser_takes_the_faster_path_and_retries_the_other_less_often() -> None:
-    """Hand-worked sequence: torch first, numpy tried on the next big layer, the cheaper one kept; a losing try
-    doubles the wait before the next (8, 16, ...); layers below ADAPT_MIN_ELEMS always take the default path."""
+    """Hand-worked sequence: torch first (its first layer is warm-up, not counted), numpy tried next (warm-up, then
+    counted), the cheaper one kept; a losing try doubles the wait before the next (8, 16, 32, 64, then 64 again);
+    layers below ADAPT_MIN_ELEMS always take the default path."""
     chooser = scoring._CpuPathChooser()
     n = scoring.ADAPT_MIN_ELEMS
     assert chooser.pick(n - 1) is None
@@ -521,24 +522,32 @@ def test_cpu_path_chooser_takes_the_faster_path_and_retries_the_other_less_often
         chooser.record(path, n, cost[path] * n)
 
     slow_torch = {"torch": 3.0, "numpy": 1.0}  # others hold the cores: torch's ops wait for their slowest thread
-    step(slow_torch)
-    step(slow_torch)
-    assert picks == ["torch", "numpy"] and chooser.current == "numpy"
+    for _ in range(4):
+        step(slow_torch)
+    assert picks == ["torch", "torch", "numpy", "numpy"] and chooser.current == "numpy"  # 1st of each: warm-up
     for _ in range(9):
         step(slow_torch)
-    assert picks[2:] == ["numpy"] * 8 + ["torch"]  # torch tried again after 8 layers, lost
+    assert picks[4:] == ["numpy"] * 8 + ["torch"]  # torch tried again after 8 layers, lost
     assert chooser.current == "numpy" and chooser.interval == 16
-    for _ in range(17):
+    waits = []
+    for _ in range(4):
+        start = len(picks)
         step(slow_torch)
-    assert picks[11:] == ["numpy"] * 16 + ["torch"] and chooser.interval == 32
+        while picks[-1] != "torch":
+            step(slow_torch)
+        waits.append(len(picks) - start - 1)
+    assert waits == [16, 32, 64, 64]  # capped: a load that goes away is noticed within 64 layers
     idle = {"torch": 0.5, "numpy": 1.0}  # the load went away: the next try of torch wins and torch is kept
-    for _ in range(33):
+    start = len(picks)
+    step(idle)
+    while picks[-1] != "torch":
         step(idle)
-    assert picks[28:] == ["numpy"] * 32 + ["torch"]
-    assert chooser.current == "torch" and chooser.interval == 8
+    assert len(picks) - start - 1 == 64 and chooser.current == "torch" and chooser.interval == 8
     for _ in range(8):
         step(idle)
-    assert picks[61:] == ["torch"] * 8
+    assert picks[-8:] == ["torch"] * 8
+    step(idle)
+    assert picks[-1] == "numpy"  # numpy tried again after 8 layers
 
 
 def test_adaptive_cpu_paths_give_the_brute_force_scores(monkeypatch) -> None:
