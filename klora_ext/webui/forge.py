@@ -113,7 +113,9 @@ def _is_quantized(param: torch.Tensor) -> bool:
 class _HostWeight:
     """What Forge put into one parameter, recomputed on demand with Forge's own merge from Forge's own backup."""
 
-    def __init__(self, loader: Any, key: str, patches: list, like: torch.Tensor, content: Iterable = ()) -> None:
+    def __init__(
+        self, loader: Any, key: str, patches: list, like: torch.Tensor, content: Iterable = (), offload: Any = "cpu"
+    ) -> None:
         self.loader = loader
         self.key = key
         self.patches = patches  # Forge's merged patch list for this key (its own tensors, not copies)
@@ -121,7 +123,7 @@ class _HostWeight:
         self.device = like.device
         self.dtype = like.dtype
         self.original: torch.Tensor | None = None  # only without a loader: the weight as loaded, kept while edited
-        self.offload = torch.device("cpu")  # where that copy is kept
+        self.offload = torch.device(offload)  # where that copy is kept
 
     def compute(self, patches: list | None = None) -> torch.Tensor:
         """Forge's merge of its own list (default) or of another list of Forge patch entries, from Forge's backup."""
@@ -957,6 +959,14 @@ class ForgeAdapter(HostAdapter):
         self._host_strength = weight if ident is not None else 0.0
         self._style_entries = {}
         if run.args.style_weight != 0 and run.args.method != "content-only":
+            if self._style_fixed:
+                # what K-LoRA does not switch of the style LoRA (bias diffs, ...) is applied as Forge applies it
+                clone.add_patches(
+                    filename=run.style.path + FIXED_SUFFIX,
+                    patches=self._style_fixed,
+                    strength_patch=run.args.style_weight,
+                    online_mode=_online_mode(p),
+                )
             # the style's entries exactly as Forge would add them for <lora:style:w> (on a scratch clone that is
             # never sampled): an in-place style layer is then Forge's own merge of them, bit for bit
             scratch = clone.clone()
@@ -970,14 +980,6 @@ class ForgeAdapter(HostAdapter):
                 filename=run.style.path, patches=own, strength_patch=run.args.style_weight, online_mode=False
             )
             self._style_entries = next(iter(scratch.lora_patches.values()), {})
-        if self._style_fixed and run.args.style_weight != 0 and run.args.method != "content-only":
-            # what K-LoRA does not switch of the style LoRA (bias diffs, ...) is applied as Forge applies it
-            clone.add_patches(
-                filename=run.style.path + FIXED_SUFFIX,
-                patches=self._style_fixed,
-                strength_patch=run.args.style_weight,
-                online_mode=_online_mode(p),
-            )
         hosted = clone.lora_patches.get(ident, {}) if ident is not None else {}
         for t in self._targets.values():
             # a fused (kohya) content patch covers every slice of its weight; a split one only its own rows
@@ -1080,8 +1082,8 @@ class ForgeAdapter(HostAdapter):
                 elif t.key not in merged and t.key in self._style_entries and t.key not in online:
                     # only the style LoRA patches it: K-LoRA keeps the loaded weight while it edits it (on the
                     # offload device, where Forge keeps its own backups, as it would with the style in the prompt)
-                    host = self._hosts[t.key] = _HostWeight(None, t.key, [], param)
-                    host.offload = torch.device(getattr(unet, "offload_device", "cpu"))
+                    offload = getattr(unet, "offload_device", "cpu")
+                    self._hosts[t.key] = _HostWeight(None, t.key, [], param, offload=offload)
                 else:
                     t.mode = "B"  # Forge holds no original of it: a hook needs none either
             counts[t.mode] += 1
@@ -1149,6 +1151,7 @@ class ForgeAdapter(HostAdapter):
                     host.original = param.detach().to(device=host.offload, copy=True)
                 if not torch.equal(self._merge(host, None), param):
                     logger.debug("%s: Forge's merge does not recompute bit-exactly; forward hook instead", t.key)
+                    host.original = None
                     return False
                 edit = _Edit(param, host)
                 _LIVE.edits[t.key] = edit
